@@ -1,0 +1,300 @@
+// Package intercept describes, as plain values, the netfilter rules that send
+// new incoming TCP connections for the web server's port to the proxy.
+//
+// Both backends (pkg/nft over netlink, pkg/compat through iptables) render the
+// same RuleSet, so unit tests can compare what each would install without
+// root, and the lifecycle in cmd/ never needs to know which backend it has.
+//
+//	rs, err := intercept.Build(intercept.Config{
+//		Mode: intercept.TProxy, Port: 443, ListenPort: 21443,
+//		Families: []intercept.Family{intercept.IPv4, intercept.IPv6},
+//	})
+package intercept
+
+import (
+	"fmt"
+	"strings"
+)
+
+// TableName names our dedicated nftables table, one per address family
+// (`nft list table acme-alpn-proxy`, `nft list table ip6 acme-alpn-proxy`).
+// It is also the comment on every iptables rule we own.
+const TableName = "acme-alpn-proxy"
+
+// Mode is how connections are taken from the web server's port.
+type Mode string
+
+const (
+	// TProxy keeps the destination port, so host firewalls that allow only
+	// the web server's port still let intercepted connections in, and it
+	// needs no NAT and no conntrack. Needs an IP_TRANSPARENT listener.
+	TProxy Mode = "tproxy"
+	// Redirect rewrites the destination port with NAT. Works everywhere NAT
+	// does, but a firewall that allows only the web server's port drops the
+	// rewritten packets in its input chain.
+	Redirect Mode = "redirect"
+)
+
+// ParseMode accepts "tproxy" or "redirect".
+func ParseMode(s string) (Mode, error) {
+	switch m := Mode(s); m {
+	case TProxy, Redirect:
+		return m, nil
+	}
+	return "", fmt.Errorf("unknown interception mode %q (want tproxy or redirect)", s)
+}
+
+// Family is an address family; its String is the nftables family name.
+type Family int
+
+const (
+	IPv4 Family = 4
+	IPv6 Family = 6
+)
+
+func (f Family) String() string {
+	if f == IPv6 {
+		return "ip6"
+	}
+	return "ip"
+}
+
+// ChainType is the nftables base chain type.
+type ChainType string
+
+const (
+	ChainNAT    ChainType = "nat"
+	ChainFilter ChainType = "filter"
+)
+
+// Hook is the netfilter hook a base chain is attached to.
+type Hook string
+
+const (
+	HookPrerouting Hook = "prerouting"
+	HookInput      Hook = "input"
+)
+
+// Standard netfilter priorities (include/uapi/linux/netfilter_ipv4.h).
+const (
+	PriorityMangle int32 = -150
+	PriorityDstNAT int32 = -100
+	PriorityFilter int32 = 0
+)
+
+// Role says when a rule is removed. Intercept rules go first at stop, so no
+// new connection reaches the proxy; Guard rules stay until the drain is over.
+type Role int
+
+const (
+	RoleIntercept Role = iota
+	RoleGuard
+)
+
+func (r Role) String() string {
+	if r == RoleGuard {
+		return "guard"
+	}
+	return "intercept"
+}
+
+// Action is a rule's terminal statement.
+type Action int
+
+const (
+	ActionRedirect Action = iota // NAT to ToPort on the local address
+	ActionTProxy                 // assign to the transparent listener on ToPort
+	ActionDrop
+)
+
+func (a Action) String() string {
+	switch a {
+	case ActionRedirect:
+		return "redirect"
+	case ActionTProxy:
+		return "tproxy"
+	}
+	return "drop"
+}
+
+// Rule is one rule: all set matches must hold, then Action applies.
+type Rule struct {
+	Role Role
+	// NotLoopback: iifname != "lo". Keeps the proxy's own dials to the web
+	// server (which loop back through prerouting) and local diagnostics out.
+	NotLoopback bool
+	DPort       uint16
+	// SynOnly: tcp flags & (fin|syn|rst|ack) == syn. Only connection-opening
+	// packets are taken, so connections that predate the rule (and that
+	// conntrack picks up mid-stream) are never hijacked.
+	SynOnly bool
+	// NotDNAT: ct status & dnat == 0, i.e. not redirected by us. Besides
+	// matching, it makes the rule a conntrack user, which keeps tracking on
+	// (and so reverse NAT of in-flight connections) until the table goes.
+	NotDNAT bool
+	Action  Action
+	ToPort  uint16 // for ActionRedirect and ActionTProxy
+	Comment string
+}
+
+// Chain is a base chain of our table.
+type Chain struct {
+	Name     string
+	Type     ChainType
+	Hook     Hook
+	Priority int32
+	Rules    []Rule
+}
+
+// Table is our table for one address family.
+type Table struct {
+	Family Family
+	Name   string
+	Chains []Chain
+}
+
+// RuleSet is everything we install: one table per family, identical chains.
+type RuleSet struct {
+	Mode       Mode
+	Port       uint16
+	ListenPort uint16
+	Tables     []Table
+}
+
+// Config selects the rule set.
+type Config struct {
+	Mode       Mode
+	Port       uint16 // the web server's port, usually 443
+	ListenPort uint16 // the proxy's listener port, usually 21443
+	Families   []Family
+}
+
+// Build returns the rule set for cfg.
+//
+// redirect:
+//
+//	chain prerouting { type nat hook prerouting priority dstnat - 10
+//	  tcp dport 443 tcp flags & (fin|syn|rst|ack) == syn redirect to :21443 }
+//	chain guard { type filter hook input priority filter - 10
+//	  iifname != "lo" tcp dport 21443 ct status & dnat == 0 drop }
+//
+// tproxy:
+//
+//	chain prerouting { type filter hook prerouting priority mangle - 10
+//	  iifname != "lo" tcp dport 21443 drop
+//	  iifname != "lo" tcp dport 443 tcp flags & (fin|syn|rst|ack) == syn tproxy to :21443 }
+//
+// dstnat - 10 wins over other NAT on the host (Docker's DNAT) whatever the
+// registration order; mangle - 10 runs before any DNAT at all.
+func Build(cfg Config) (RuleSet, error) {
+	if cfg.Port == 0 || cfg.ListenPort == 0 {
+		return RuleSet{}, fmt.Errorf("intercept: port and listen port must be non-zero")
+	}
+	if cfg.Port == cfg.ListenPort {
+		return RuleSet{}, fmt.Errorf("intercept: listen port %d equals the intercepted port", cfg.Port)
+	}
+	if len(cfg.Families) == 0 {
+		return RuleSet{}, fmt.Errorf("intercept: no address family to intercept")
+	}
+	var chains []Chain
+	switch cfg.Mode {
+	case Redirect:
+		chains = []Chain{{
+			Name: "prerouting", Type: ChainNAT, Hook: HookPrerouting, Priority: PriorityDstNAT - 10,
+			Rules: []Rule{{
+				Role: RoleIntercept, DPort: cfg.Port, SynOnly: true,
+				Action: ActionRedirect, ToPort: cfg.ListenPort,
+				Comment: TableName + ": new connections to the proxy",
+			}},
+		}, {
+			Name: "guard", Type: ChainFilter, Hook: HookInput, Priority: PriorityFilter - 10,
+			Rules: []Rule{{
+				Role: RoleGuard, NotLoopback: true, DPort: cfg.ListenPort, NotDNAT: true,
+				Action:  ActionDrop,
+				Comment: TableName + ": listener only through the redirect",
+			}},
+		}}
+	case TProxy:
+		chains = []Chain{{
+			Name: "prerouting", Type: ChainFilter, Hook: HookPrerouting, Priority: PriorityMangle - 10,
+			Rules: []Rule{{
+				Role: RoleGuard, NotLoopback: true, DPort: cfg.ListenPort,
+				Action:  ActionDrop,
+				Comment: TableName + ": listener only through tproxy",
+			}, {
+				Role: RoleIntercept, NotLoopback: true, DPort: cfg.Port, SynOnly: true,
+				Action: ActionTProxy, ToPort: cfg.ListenPort,
+				Comment: TableName + ": new connections to the proxy",
+			}},
+		}}
+	default:
+		return RuleSet{}, fmt.Errorf("intercept: unknown mode %q", cfg.Mode)
+	}
+	rs := RuleSet{Mode: cfg.Mode, Port: cfg.Port, ListenPort: cfg.ListenPort}
+	seen := map[Family]bool{}
+	for _, f := range cfg.Families {
+		if f != IPv4 && f != IPv6 {
+			return RuleSet{}, fmt.Errorf("intercept: unknown address family %d", f)
+		}
+		if seen[f] {
+			continue
+		}
+		seen[f] = true
+		rs.Tables = append(rs.Tables, Table{Family: f, Name: TableName, Chains: cloneChains(chains)})
+	}
+	return rs, nil
+}
+
+func cloneChains(cs []Chain) []Chain {
+	out := make([]Chain, len(cs))
+	for i, c := range cs {
+		c.Rules = append([]Rule(nil), c.Rules...)
+		out[i] = c
+	}
+	return out
+}
+
+// String renders the rule in nft syntax; it is what `nft list table` shows
+// (modulo the kernel's canonical spelling) and what logs and status print.
+func (r Rule) String() string {
+	var b strings.Builder
+	if r.NotLoopback {
+		b.WriteString(`iifname != "lo" `)
+	}
+	fmt.Fprintf(&b, "tcp dport %d ", r.DPort)
+	if r.SynOnly {
+		b.WriteString("tcp flags & (fin|syn|rst|ack) == syn ")
+	}
+	if r.NotDNAT {
+		b.WriteString("ct status & dnat == 0 ")
+	}
+	switch r.Action {
+	case ActionRedirect:
+		fmt.Fprintf(&b, "redirect to :%d", r.ToPort)
+	case ActionTProxy:
+		fmt.Fprintf(&b, "tproxy to :%d", r.ToPort)
+	default:
+		b.WriteString("drop")
+	}
+	if r.Comment != "" {
+		fmt.Fprintf(&b, " comment %q", r.Comment)
+	}
+	return b.String()
+}
+
+// String renders the whole rule set in nft syntax.
+func (rs RuleSet) String() string {
+	var b strings.Builder
+	for _, t := range rs.Tables {
+		fmt.Fprintf(&b, "table %s %s {\n", t.Family, t.Name)
+		for _, c := range t.Chains {
+			fmt.Fprintf(&b, "\tchain %s {\n\t\ttype %s hook %s priority %d;\n", c.Name, c.Type, c.Hook, c.Priority)
+			for _, r := range c.Rules {
+				fmt.Fprintf(&b, "\t\t%s\n", r)
+			}
+			b.WriteString("\t}\n")
+		}
+		b.WriteString("}\n")
+	}
+	return b.String()
+}
