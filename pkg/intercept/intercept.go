@@ -120,6 +120,10 @@ func (a Action) String() string {
 // Rule is one rule: all set matches must hold, then Action applies.
 type Rule struct {
 	Role Role
+	// LocalOnly: fib daddr type local. Only connections addressed to this
+	// host are ours; traffic the host forwards (containers, VMs, routing)
+	// to some other server's port 443 or 21443 must pass untouched.
+	LocalOnly bool
 	// NotLoopback: iifname != "lo". Keeps the proxy's own dials to the web
 	// server (which loop back through prerouting) and local diagnostics out.
 	NotLoopback bool
@@ -174,15 +178,15 @@ type Config struct {
 // redirect:
 //
 //	chain prerouting { type nat hook prerouting priority dstnat - 10
-//	  tcp dport 443 tcp flags & (fin|syn|rst|ack) == syn redirect to :21443 }
+//	  fib daddr type local tcp dport 443 tcp flags & (fin|syn|rst|ack) == syn redirect to :21443 }
 //	chain guard { type filter hook input priority filter - 10
-//	  iifname != "lo" tcp dport 21443 ct status & dnat == 0 drop }
+//	  iifname != "lo" fib daddr type local tcp dport 21443 ct status & dnat == 0 drop }
 //
 // tproxy:
 //
 //	chain prerouting { type filter hook prerouting priority mangle - 10
-//	  iifname != "lo" tcp dport 21443 drop
-//	  iifname != "lo" tcp dport 443 tcp flags & (fin|syn|rst|ack) == syn tproxy to :21443 }
+//	  iifname != "lo" fib daddr type local tcp dport 21443 drop
+//	  iifname != "lo" fib daddr type local tcp dport 443 tcp flags & (fin|syn|rst|ack) == syn tproxy to :21443 }
 //
 // dstnat - 10 wins over other NAT on the host (Docker's DNAT) whatever the
 // registration order; mangle - 10 runs before any DNAT at all.
@@ -202,14 +206,14 @@ func Build(cfg Config) (RuleSet, error) {
 		chains = []Chain{{
 			Name: "prerouting", Type: ChainNAT, Hook: HookPrerouting, Priority: PriorityDstNAT - 10,
 			Rules: []Rule{{
-				Role: RoleIntercept, DPort: cfg.Port, SynOnly: true,
+				Role: RoleIntercept, LocalOnly: true, DPort: cfg.Port, SynOnly: true,
 				Action: ActionRedirect, ToPort: cfg.ListenPort,
 				Comment: TableName + ": new connections to the proxy",
 			}},
 		}, {
 			Name: "guard", Type: ChainFilter, Hook: HookInput, Priority: PriorityFilter - 10,
 			Rules: []Rule{{
-				Role: RoleGuard, NotLoopback: true, DPort: cfg.ListenPort, NotDNAT: true,
+				Role: RoleGuard, NotLoopback: true, LocalOnly: true, DPort: cfg.ListenPort, NotDNAT: true,
 				Action:  ActionDrop,
 				Comment: TableName + ": listener only through the redirect",
 			}},
@@ -218,11 +222,11 @@ func Build(cfg Config) (RuleSet, error) {
 		chains = []Chain{{
 			Name: "prerouting", Type: ChainFilter, Hook: HookPrerouting, Priority: PriorityMangle - 10,
 			Rules: []Rule{{
-				Role: RoleGuard, NotLoopback: true, DPort: cfg.ListenPort,
+				Role: RoleGuard, NotLoopback: true, LocalOnly: true, DPort: cfg.ListenPort,
 				Action:  ActionDrop,
 				Comment: TableName + ": listener only through tproxy",
 			}, {
-				Role: RoleIntercept, NotLoopback: true, DPort: cfg.Port, SynOnly: true,
+				Role: RoleIntercept, NotLoopback: true, LocalOnly: true, DPort: cfg.Port, SynOnly: true,
 				Action: ActionTProxy, ToPort: cfg.ListenPort,
 				Comment: TableName + ": new connections to the proxy",
 			}},
@@ -260,6 +264,9 @@ func (r Rule) String() string {
 	var b strings.Builder
 	if r.NotLoopback {
 		b.WriteString(`iifname != "lo" `)
+	}
+	if r.LocalOnly {
+		b.WriteString("fib daddr type local ")
 	}
 	fmt.Fprintf(&b, "tcp dport %d ", r.DPort)
 	if r.SynOnly {
