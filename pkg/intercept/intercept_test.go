@@ -1,0 +1,80 @@
+package intercept
+
+import (
+	"strings"
+	"testing"
+)
+
+func TestBuildRedirect(t *testing.T) {
+	rs, err := Build(Config{Mode: Redirect, Port: 443, ListenPort: 21443, Families: []Family{IPv4, IPv6, IPv4}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rs.Tables) != 2 || rs.Tables[0].Family != IPv4 || rs.Tables[1].Family != IPv6 {
+		t.Fatalf("tables = %+v, want ip and ip6 once each", rs.Tables)
+	}
+	nat := rs.Tables[0].Chains[0]
+	if nat.Type != ChainNAT || nat.Hook != HookPrerouting || nat.Priority != -110 {
+		t.Errorf("nat chain = %+v, want nat prerouting at dstnat - 10 (-110)", nat)
+	}
+	r := nat.Rules[0]
+	if !r.SynOnly || !r.LocalOnly || r.Role != RoleIntercept || r.Action != ActionRedirect || r.ToPort != 21443 || r.DPort != 443 {
+		t.Errorf("redirect rule = %+v", r)
+	}
+	guard := rs.Tables[0].Chains[1]
+	if guard.Hook != HookInput || guard.Rules[0].Role != RoleGuard || !guard.Rules[0].NotDNAT || guard.Rules[0].DPort != 21443 {
+		t.Errorf("guard = %+v: want an input chain whose rule drops non-redirected connections to the listener and uses conntrack", guard)
+	}
+	want := `fib daddr type local tcp dport 443 tcp flags & (fin|syn|rst|ack) == syn redirect to :21443`
+	if !strings.HasPrefix(r.String(), want) {
+		t.Errorf("rule text = %q, want prefix %q", r.String(), want)
+	}
+}
+
+func TestBuildTProxy(t *testing.T) {
+	rs, err := Build(Config{Mode: TProxy, Port: 8443, ListenPort: 9443, Families: []Family{IPv6}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := rs.Tables[0].Chains[0]
+	if c.Type != ChainFilter || c.Hook != HookPrerouting || c.Priority != -160 {
+		t.Errorf("chain = %+v, want filter prerouting at mangle - 10 (-160)", c)
+	}
+	// The guard must come first: the tproxy rule is terminal.
+	if c.Rules[0].Action != ActionDrop || c.Rules[0].DPort != 9443 || c.Rules[1].Action != ActionTProxy || c.Rules[1].DPort != 8443 {
+		t.Errorf("rules = %+v", c.Rules)
+	}
+	for _, r := range c.Rules {
+		if !r.NotLoopback || !r.LocalOnly || r.NotDNAT {
+			t.Errorf("rule %v: tproxy rules must skip loopback (our own dials), match local destinations only, and not use conntrack", r)
+		}
+	}
+	if !strings.Contains(rs.String(), "table ip6 acme-alpn-proxy {") {
+		t.Errorf("String() = %s", rs)
+	}
+}
+
+func TestBuildTablesDoNotShareRules(t *testing.T) {
+	rs, _ := Build(Config{Mode: TProxy, Port: 443, ListenPort: 21443, Families: []Family{IPv4, IPv6}})
+	rs.Tables[0].Chains[0].Rules[0].DPort = 1
+	if rs.Tables[1].Chains[0].Rules[0].DPort == 1 {
+		t.Fatal("tables share a rules slice: editing one edits both")
+	}
+}
+
+func TestBuildRejects(t *testing.T) {
+	for name, cfg := range map[string]Config{
+		"no families":  {Mode: Redirect, Port: 443, ListenPort: 21443},
+		"same port":    {Mode: Redirect, Port: 443, ListenPort: 443, Families: []Family{IPv4}},
+		"zero port":    {Mode: Redirect, ListenPort: 21443, Families: []Family{IPv4}},
+		"unknown mode": {Mode: "dnat", Port: 443, ListenPort: 21443, Families: []Family{IPv4}},
+		"unknown fam":  {Mode: Redirect, Port: 443, ListenPort: 21443, Families: []Family{5}},
+	} {
+		if _, err := Build(cfg); err == nil {
+			t.Errorf("%s: Build accepted %+v", name, cfg)
+		}
+	}
+	if _, err := ParseMode("nat"); err == nil {
+		t.Error("ParseMode accepted nat")
+	}
+}
