@@ -148,8 +148,9 @@ func (h *Hello) Release() {
 // one record header, then exactly that record's body.
 //
 // Read always returns a non-nil Hello. The error is non-nil only when r
-// failed (io.EOF, a deadline, ...); Kind is then Truncated and Raw holds
-// the bytes read before the failure.
+// failed; Kind is then Truncated and Raw holds the bytes read before the
+// failure. A stream that ends before its first byte gives io.EOF, one that
+// ends later io.ErrUnexpectedEOF; other errors (a deadline) pass through.
 func Read(r io.Reader) (*Hello, error) {
 	h := helloPool.Get().(*Hello)
 	h.Raw = h.Raw[:0]
@@ -181,6 +182,9 @@ func (h *Hello) read(r io.Reader) error {
 		start := len(h.Raw)
 		if records == 0 {
 			start = 0 // its type byte is already in Raw
+		} else if start+recordHeaderLen >= MaxHelloSize {
+			h.stop(TooLarge, "ClientHello records exceed the size limit")
+			return nil
 		}
 		if err := h.fill(r, start+recordHeaderLen-len(h.Raw)); err != nil {
 			return err
@@ -244,6 +248,9 @@ func (h *Hello) fill(r io.Reader, n int) error {
 	h.Raw = slices.Grow(h.Raw, n)[:start+n]
 	got, err := io.ReadFull(r, h.Raw[start:])
 	h.Raw = h.Raw[:start+got]
+	if err == io.EOF && len(h.Raw) > 0 {
+		err = io.ErrUnexpectedEOF // the stream ended inside the hello
+	}
 	if err != nil {
 		h.stop(Truncated, "stream ended or failed before the ClientHello was complete")
 	}
