@@ -146,6 +146,7 @@ func chainLocation(c intercept.Chain) (location, error) {
 
 // ruleArgv renders the match and target part of one rule, in the order
 // `iptables -S` prints it (matches, comment, target).
+// LocalOnly (nft `fib daddr type local`) is `-m addrtype --dst-type LOCAL`.
 func ruleArgv(loc location, r intercept.Rule) ([]string, error) {
 	if r.DPort == 0 {
 		return nil, fmt.Errorf("rule without destination port")
@@ -157,6 +158,11 @@ func ruleArgv(loc location, r intercept.Rule) ([]string, error) {
 	a = append(a, "-p", "tcp", "--dport", strconv.Itoa(int(r.DPort)))
 	if r.SynOnly {
 		a = append(a, "--syn")
+	}
+	// After the port match: the cheap compare rejects most packets before
+	// the route lookup addrtype does.
+	if r.LocalOnly {
+		a = append(a, "-m", "addrtype", "--dst-type", "LOCAL")
 	}
 	if r.NotDNAT {
 		a = append(a, "-m", "conntrack", "!", "--ctstate", "DNAT")

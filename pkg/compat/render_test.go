@@ -26,8 +26,8 @@ func TestArgsRedirectBothFamilies(t *testing.T) {
 		t.Fatal(err)
 	}
 	const (
-		nat   = "-p tcp --dport 443 --syn -m comment --comment acme-alpn-proxy -j REDIRECT --to-ports 21443"
-		guard = "! -i lo -p tcp --dport 21443 -m conntrack ! --ctstate DNAT -m comment --comment acme-alpn-proxy -j DROP"
+		nat   = "-p tcp --dport 443 --syn -m addrtype --dst-type LOCAL -m comment --comment acme-alpn-proxy -j REDIRECT --to-ports 21443"
+		guard = "! -i lo -p tcp --dport 21443 -m addrtype --dst-type LOCAL -m conntrack ! --ctstate DNAT -m comment --comment acme-alpn-proxy -j DROP"
 	)
 	wantInstall := [][]string{
 		argv("iptables -w 30 -t nat -I PREROUTING 1 " + nat),
@@ -56,8 +56,8 @@ func TestArgsTProxyIPv4OnlyKeepsGuardFirst(t *testing.T) {
 		t.Fatal(err)
 	}
 	const (
-		guard = "! -i lo -p tcp --dport 30000 -m comment --comment acme-alpn-proxy -j DROP"
-		tp    = "! -i lo -p tcp --dport 8443 --syn -m comment --comment acme-alpn-proxy -j TPROXY --on-port 30000"
+		guard = "! -i lo -p tcp --dport 30000 -m addrtype --dst-type LOCAL -m comment --comment acme-alpn-proxy -j DROP"
+		tp    = "! -i lo -p tcp --dport 8443 --syn -m addrtype --dst-type LOCAL -m comment --comment acme-alpn-proxy -j TPROXY --on-port 30000"
 	)
 	wantInstall := [][]string{
 		argv("iptables -w 30 -t mangle -I PREROUTING 1 " + guard),
