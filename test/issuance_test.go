@@ -1,14 +1,13 @@
 package e2e
 
-// Issuance tests: a real ACME CA (pebble) validates TLS-ALPN-01 on port 443
-// of a web host that keeps serving HTTPS (nginx) the whole time, while the
-// ACME client's responder (lego, or uacme with ualpn) listens on
+// Issuance tests (issue 4): a real ACME CA (pebble) validates TLS-ALPN-01 on
+// port 443 of a web host that keeps serving HTTPS (nginx) the whole time,
+// while the ACME client's responder (lego, or ualpn for uacme) listens on
 // 127.0.0.1:31443 and acme-alpn-proxy routes the validation to it.
 //
-// Topology, one pair of namespaces per subtest:
-//
-//	CA ns  (198.18.0.1, fd00:18::1): pebble, pebble-challtestsrv as DNS, load generator
-//	web ns (198.18.0.2, fd00:18::2): nginx on 443, ACME client, acme-alpn-proxy
+// On the harness's Env: the server namespace (Srv) is the web host with
+// nginx, the ACME client and the proxy; the client namespace (Cli) is the
+// CA with pebble, pebble-challtestsrv as its DNS, and the HTTPS load.
 
 import (
 	"bytes"
@@ -19,7 +18,6 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
-	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
@@ -28,325 +26,281 @@ import (
 	"math/big"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 const (
-	issTestDomain = "web.acme-alpn-proxy.test"
-	issCAv4       = "198.18.0.1"
-	issWebV4      = "198.18.0.2"
-	issCAv6       = "fd00:18::1"
-	issWebV6      = "fd00:18::2"
-	issResponder  = "127.0.0.1:31443" // acme-alpn-proxy's default -alpn
-	issWebBody    = "web ok\n"
-	// issDeadline bounds one issuance: pebble answers in seconds, lego polls
-	// every 5 s; anything near this means a hang.
+	issDomain  = "web.acme-alpn-proxy.test"
+	issEmail   = "me@example.org"
+	issWebBody = "web ok\n"
+	// issDeadline bounds one issuance: pebble validates in well under a
+	// second and lego polls every 5 s, so reaching it means a hang.
 	issDeadline = 3 * time.Minute
 )
 
-// issTools are the programs the issuance tests drive. nginx lives in sbin,
-// which is not always in PATH.
-var issTools = []string{"ip", "nft", "pebble", "pebble-challtestsrv", "nginx", "lego"}
-
-// issRequire skips (or fails under CI=true) when the tests cannot run here.
-func issRequire(t *testing.T, extra ...string) map[string]string {
+// issRequire skips (fails under CI=true) unless root and the programs are
+// there. The Debian packages are pebble, nginx, lego (and uacme).
+func issRequire(t *testing.T, tools ...string) {
 	t.Helper()
-	fail := t.Skipf
-	if os.Getenv("CI") == "true" {
-		fail = t.Fatalf
-	}
-	if os.Geteuid() != 0 {
-		fail("issuance tests need root (network namespaces)")
-	}
-	paths := map[string]string{}
-	for _, name := range append(append([]string{}, issTools...), extra...) {
-		p, err := exec.LookPath(name)
-		if err != nil {
-			for _, dir := range []string{"/usr/sbin", "/sbin"} {
-				if _, serr := os.Stat(filepath.Join(dir, name)); serr == nil {
-					p, err = filepath.Join(dir, name), nil
-					break
-				}
-			}
+	requirePrivileges(t)
+	for _, tool := range tools {
+		if issLookPath(tool) == "" {
+			skipOrFail(t, tool+" not installed (Debian packages: pebble nginx lego uacme)")
 		}
-		if err != nil {
-			fail("%s not installed (Debian packages: pebble nginx lego uacme): %v", name, err)
-		}
-		paths[name] = p
 	}
-	return paths
 }
 
-// issProxyBinary builds the binary under test into dir.
-func issProxyBinary(t *testing.T, dir string) string {
+// issLookPath also looks in sbin, where nginx is and PATH may not reach.
+func issLookPath(tool string) string {
+	if p, err := exec.LookPath(tool); err == nil {
+		return p
+	}
+	for _, dir := range []string{"/usr/sbin", "/sbin"} {
+		if p := filepath.Join(dir, tool); issExecutable(p) {
+			return p
+		}
+	}
+	return ""
+}
+
+func issExecutable(p string) bool {
+	fi, err := os.Stat(p)
+	return err == nil && fi.Mode().IsRegular() && fi.Mode()&0o111 != 0
+}
+
+// issSite is one CA + web host.
+type issSite struct {
+	*Env
+	t      *testing.T
+	dir    string
+	rootCA string // PEM file of the root that signed pebble's API cert
+	webDER []byte // nginx's self-signed cert, pinned by the load
+	webIP  netip.Addr
+}
+
+// newIssSite creates the namespaces and starts pebble with its DNS and
+// nginx. The DNS answers every name with the web host's IPv4 address, or,
+// with v6, only with its IPv6 address, so that the CA validates over IPv6
+// (given both, Go's address sort tries IPv4 before fd00::/8 and IPv6 would
+// never be used).
+func newIssSite(t *testing.T, v6 bool) *issSite {
 	t.Helper()
-	path := filepath.Join(dir, "acme-alpn-proxy")
-	cmd := exec.Command("go", "build", "-o", path, "./cmd/acme-alpn-proxy")
-	cmd.Dir = ".."
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build ./cmd/acme-alpn-proxy: %v\n%s", err, out)
+	s := &issSite{Env: NewEnv(t), t: t, dir: t.TempDir()}
+	s.webIP = s.SrvV4
+	if v6 {
+		s.webIP = s.SrvV6
+	}
+	s.writeCerts()
+	s.startDNS(v6)
+	s.startPebble()
+	s.startNginx()
+	return s
+}
+
+func (s *issSite) writePEM(name, typ string, der []byte) string {
+	path := filepath.Join(s.dir, name)
+	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
+		s.t.Fatal(err)
 	}
 	return path
 }
 
-// issEnv is one CA + web host setup.
-type issEnv struct {
-	t      *testing.T
-	tools  map[string]string
-	dir    string
-	caNS   string
-	webNS  string
-	caPEM  string // root that signed pebble's HTTPS listener cert
-	webPEM []byte // nginx's self-signed cert, pinned by the load generator
-	v6     bool   // DNS answers only AAAA: the CA validates over IPv6
-}
-
-func issRandSuffix(t *testing.T) string {
-	b := make([]byte, 4)
-	if _, err := rand.Read(b); err != nil {
-		t.Fatal(err)
-	}
-	return hex.EncodeToString(b)
-}
-
-func issRun(t *testing.T, name string, args ...string) {
-	t.Helper()
-	out, err := exec.Command(name, args...).CombinedOutput()
+// issue makes a certificate and writes it with its key as name.pem and
+// name.key; parent nil means self-signed.
+func (s *issSite) issue(name string, tmpl, parent *x509.Certificate, parentKey *ecdsa.PrivateKey) ([]byte, *ecdsa.PrivateKey) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
-		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+		s.t.Fatal(err)
 	}
-}
-
-// newIssEnv creates the namespaces, certificates and configs, and starts
-// pebble, its DNS and nginx. Everything is torn down by t.Cleanup.
-func newIssEnv(t *testing.T, tools map[string]string, v6 bool) *issEnv {
-	t.Helper()
-	s := issRandSuffix(t)
-	e := &issEnv{t: t, tools: tools, dir: t.TempDir(), caNS: "is-ca-" + s, webNS: "is-web-" + s, v6: v6}
-	for _, ns := range []string{e.caNS, e.webNS} {
-		issRun(t, "ip", "netns", "add", ns)
-		t.Cleanup(func() { exec.Command("ip", "netns", "del", ns).Run() })
-		issRun(t, "ip", "-n", ns, "link", "set", "lo", "up")
+	tmpl.NotBefore, tmpl.NotAfter = time.Now().Add(-time.Hour), time.Now().Add(24*time.Hour)
+	if parent == nil {
+		parent, parentKey = tmpl, key
 	}
-	cIf, wIf := "is-c"+s, "is-w"+s
-	issRun(t, "ip", "link", "add", cIf, "netns", e.caNS, "type", "veth", "peer", "name", wIf, "netns", e.webNS)
-	issRun(t, "ip", "-n", e.caNS, "addr", "add", issCAv4+"/24", "dev", cIf)
-	issRun(t, "ip", "-n", e.caNS, "addr", "add", issCAv6+"/64", "dev", cIf, "nodad")
-	issRun(t, "ip", "-n", e.webNS, "addr", "add", issWebV4+"/24", "dev", wIf)
-	issRun(t, "ip", "-n", e.webNS, "addr", "add", issWebV6+"/64", "dev", wIf, "nodad")
-	issRun(t, "ip", "-n", e.caNS, "link", "set", cIf, "up")
-	issRun(t, "ip", "-n", e.webNS, "link", "set", wIf, "up")
-
-	e.writeCerts()
-	e.startDNS()
-	e.startPebble()
-	e.startNginx()
-	return e
-}
-
-func issWritePEM(t *testing.T, path, typ string, der []byte) {
-	t.Helper()
-	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func issKey(t *testing.T, path string) *ecdsa.PrivateKey {
-	t.Helper()
-	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, &key.PublicKey, parentKey)
 	if err != nil {
-		t.Fatal(err)
+		s.t.Fatal(err)
 	}
-	der, err := x509.MarshalPKCS8PrivateKey(k)
+	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
 	if err != nil {
-		t.Fatal(err)
+		s.t.Fatal(err)
 	}
-	issWritePEM(t, path, "PRIVATE KEY", der)
-	return k
+	s.writePEM(name+".key", "PRIVATE KEY", keyDER)
+	s.writePEM(name+".pem", "CERTIFICATE", der)
+	return der, key
 }
 
-// writeCerts makes the trust root for pebble's HTTPS API (the pebble package
-// ships none) and nginx's self-signed certificate.
-func (e *issEnv) writeCerts() {
-	t := e.t
-	now := time.Now()
-	rootKey := issKey(t, filepath.Join(e.dir, "root.key"))
-	root := &x509.Certificate{
+// writeCerts makes a root and the cert of pebble's HTTPS API (the Debian
+// package ships none) and nginx's self-signed certificate.
+func (s *issSite) writeCerts() {
+	rootTmpl := &x509.Certificate{
 		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "acme-alpn-proxy test root"},
-		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour),
 		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
 	}
-	rootDER, err := x509.CreateCertificate(rand.Reader, root, root, &rootKey.PublicKey, rootKey)
+	rootDER, rootKey := s.issue("root", rootTmpl, nil, nil)
+	root, err := x509.ParseCertificate(rootDER)
 	if err != nil {
-		t.Fatal(err)
+		s.t.Fatal(err)
 	}
-	e.caPEM = filepath.Join(e.dir, "root.pem")
-	issWritePEM(t, e.caPEM, "CERTIFICATE", rootDER)
-	root, _ = x509.ParseCertificate(rootDER)
-
-	pebbleKey := issKey(t, filepath.Join(e.dir, "pebble.key"))
-	leaf := &x509.Certificate{
+	s.rootCA = filepath.Join(s.dir, "root.pem")
+	s.issue("pebble", &x509.Certificate{
 		SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "pebble"},
-		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour),
-		IPAddresses: []net.IP{net.ParseIP(issCAv4), net.ParseIP(issCAv6)},
+		IPAddresses: []net.IP{s.CliV4.AsSlice(), s.CliV6.AsSlice()},
 		KeyUsage:    x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	leafDER, err := x509.CreateCertificate(rand.Reader, leaf, root, &pebbleKey.PublicKey, rootKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	issWritePEM(t, filepath.Join(e.dir, "pebble.pem"), "CERTIFICATE", leafDER)
-
-	webKey := issKey(t, filepath.Join(e.dir, "web.key"))
-	web := &x509.Certificate{
+	}, root, rootKey)
+	s.webDER, _ = s.issue("web", &x509.Certificate{
 		SerialNumber: big.NewInt(3), Subject: pkix.Name{CommonName: "web server (self-signed)"},
-		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour),
-		DNSNames:    []string{issTestDomain},
-		IPAddresses: []net.IP{net.ParseIP(issWebV4), net.ParseIP(issWebV6)},
-		KeyUsage:    x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	webDER, err := x509.CreateCertificate(rand.Reader, web, web, &webKey.PublicKey, webKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	issWritePEM(t, filepath.Join(e.dir, "web.pem"), "CERTIFICATE", webDER)
-	e.webPEM = webDER
+		DNSNames: []string{issDomain}, IPAddresses: []net.IP{s.SrvV4.AsSlice(), s.SrvV6.AsSlice()},
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}, nil, nil)
 }
 
-// issProc is a process the test started, ended by its PID on cleanup.
+// issProc is a program the test started in a namespace, in its own process
+// group (ip netns exec execs, so the PID is the program's), so that
+// anything it leaves behind is ended with it by the group's ID.
 type issProc struct {
-	cmd  *exec.Cmd
 	name string
-	out  *issLogBuf
+	cmd  *exec.Cmd
+	out  syncBuffer
 	done chan struct{}
 	err  error
 }
 
-// issLogBuf collects a process's output for failure reports.
-type issLogBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *issLogBuf) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *issLogBuf) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
-// start runs argv inside ns (ip netns exec execs, so the PID is the
-// program's own) in its own process group, so that a child it leaves behind
-// (an ACME client under `run`) is ended with it.
-func (e *issEnv) start(ns, name string, env []string, argv ...string) *issProc {
-	t := e.t
+func (s *issSite) start(ns *Netns, name string, argv ...string) *issProc {
+	t := s.t
 	t.Helper()
-	p := &issProc{name: name, out: &issLogBuf{}, done: make(chan struct{})}
-	p.cmd = exec.Command("ip", append([]string{"netns", "exec", ns}, argv...)...)
-	p.cmd.Env = append(os.Environ(), env...)
-	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
+	p := &issProc{name: name, done: make(chan struct{})}
+	p.cmd = exec.Command("ip", append([]string{"netns", "exec", ns.Name}, argv...)...)
+	p.cmd.Stdout, p.cmd.Stderr = &p.out, &p.out
 	p.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := p.cmd.Start(); err != nil {
 		t.Fatalf("start %s: %v", name, err)
 	}
 	go func() { p.err = p.cmd.Wait(); close(p.done) }()
 	t.Cleanup(func() {
-		p.stop(5 * time.Second)
+		p.stop()
 		if t.Failed() {
-			t.Logf("--- output of %s (pid %d) ---\n%s", name, p.cmd.Process.Pid, p.out.String())
+			t.Logf("--- %s (pid %d) output ---\n%s", name, p.cmd.Process.Pid, p.out.String())
 		}
 	})
 	return p
 }
 
-// stop sends SIGTERM to the process group, then SIGKILL after grace.
-func (p *issProc) stop(grace time.Duration) {
+// stop sends SIGTERM to the group, SIGKILL 5 s later.
+func (p *issProc) stop() {
 	select {
 	case <-p.done:
 		return
 	default:
 	}
-	pgid := p.cmd.Process.Pid
-	syscall.Kill(-pgid, syscall.SIGTERM)
+	syscall.Kill(-p.cmd.Process.Pid, syscall.SIGTERM)
 	select {
 	case <-p.done:
-	case <-time.After(grace):
-		syscall.Kill(-pgid, syscall.SIGKILL)
+	case <-time.After(5 * time.Second):
+		syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
 		<-p.done
 	}
 }
 
-// wait waits for the process to exit within d; on timeout it is killed.
-func (p *issProc) wait(d time.Duration) (error, bool) {
+// wait returns the exit error, killing the process if it runs past limit.
+func (p *issProc) wait(limit time.Duration) error {
 	select {
 	case <-p.done:
-		return p.err, true
-	case <-time.After(d):
-		p.stop(5 * time.Second)
-		return p.err, false
+		return p.err
+	case <-time.After(limit):
+		p.stop()
+		return fmt.Errorf("%s still running after %v, killed", p.name, limit)
 	}
 }
 
-func (e *issEnv) startDNS() {
-	v4, v6 := issWebV4, ""
-	if e.v6 {
-		v4, v6 = "", issWebV6
+// waitListening polls a TCP connect to addr from ns until it succeeds.
+func (s *issSite) waitListening(ns *Netns, addr string, p *issProc) {
+	s.t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		c, err := ns.DialContext(ctx, "tcp", addr)
+		cancel()
+		if err == nil {
+			c.Close()
+			return
+		}
+		select {
+		case <-p.done:
+			s.t.Fatalf("%s exited before listening on %s: %v\n%s", p.name, addr, p.err, p.out.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			s.t.Fatalf("%s not listening on %s: %v\n%s", p.name, addr, err, p.out.String())
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
-	// Default answers only: every A (or AAAA) query gets the web host.
-	p := e.start(e.caNS, "pebble-challtestsrv", nil, e.tools["pebble-challtestsrv"],
-		"-defaultIPv4", v4, "-defaultIPv6", v6, "-dns01", "127.0.0.1:8053",
+}
+
+const issDNSAddr = "127.0.0.1:8053"
+
+func (s *issSite) startDNS(v6 bool) {
+	a, aaaa := s.SrvV4.String(), ""
+	if v6 {
+		a, aaaa = "", s.SrvV6.String()
+	}
+	// Default answers only, no management API calls: every A (or AAAA)
+	// query gets the web host; an empty default leaves that type unanswered.
+	p := s.start(s.Cli, "pebble-challtestsrv", issLookPath("pebble-challtestsrv"),
+		"-defaultIPv4", a, "-defaultIPv6", aaaa, "-dns01", issDNSAddr,
 		"-http01", "", "-https01", "", "-tlsalpn01", "", "-management", "127.0.0.1:8055")
-	e.waitListening(e.caNS, "127.0.0.1:8053", p)
+	s.waitListening(s.Cli, issDNSAddr, p)
 }
 
-func (e *issEnv) startPebble() {
-	cfg := map[string]any{"pebble": map[string]any{
-		"listenAddress":                  net.JoinHostPort(issCAv4, "14000"),
-		"managementListenAddress":        net.JoinHostPort(issCAv4, "15000"),
-		"certificate":                    filepath.Join(e.dir, "pebble.pem"),
-		"privateKey":                     filepath.Join(e.dir, "pebble.key"),
+func (s *issSite) pebbleAddr(port int) string {
+	return net.JoinHostPort(s.CliV4.String(), strconv.Itoa(port))
+}
+
+// DirectoryURL is pebble's ACME directory.
+func (s *issSite) DirectoryURL() string { return "https://" + s.pebbleAddr(14000) + "/dir" }
+
+func (s *issSite) startPebble() {
+	cfg, err := json.Marshal(map[string]any{"pebble": map[string]any{
+		"listenAddress":                  s.pebbleAddr(14000),
+		"managementListenAddress":        s.pebbleAddr(15000),
+		"certificate":                    filepath.Join(s.dir, "pebble.pem"),
+		"privateKey":                     filepath.Join(s.dir, "pebble.key"),
 		"httpPort":                       80,
 		"tlsPort":                        443,
 		"ocspResponderURL":               "",
 		"externalAccountBindingRequired": false,
-	}}
-	b, _ := json.Marshal(cfg)
-	path := filepath.Join(e.dir, "pebble.json")
-	if err := os.WriteFile(path, b, 0o600); err != nil {
-		e.t.Fatal(err)
+	}})
+	if err != nil {
+		s.t.Fatal(err)
 	}
-	// Real validation (PEBBLE_VA_ALWAYS_VALID unset); no authz reuse, so
-	// every order is validated; no random sleeps or nonce rejections.
-	env := []string{"PEBBLE_VA_NOSLEEP=1", "PEBBLE_AUTHZREUSE=0", "PEBBLE_WFE_NONCEREJECT=0", "PEBBLE_VA_ALWAYS_VALID="}
-	p := e.start(e.caNS, "pebble", env, e.tools["pebble"], "-config", path, "-dnsserver", "127.0.0.1:8053")
-	e.waitListening(e.caNS, net.JoinHostPort(issCAv4, "14000"), p)
-	e.waitListening(e.caNS, net.JoinHostPort(issCAv4, "15000"), p)
+	path := filepath.Join(s.dir, "pebble.json")
+	if err := os.WriteFile(path, cfg, 0o600); err != nil {
+		s.t.Fatal(err)
+	}
+	// Real validation (PEBBLE_VA_ALWAYS_VALID empty); no authz reuse, so
+	// every order is validated; no random VA sleeps or nonce rejections.
+	p := s.start(s.Cli, "pebble", "env", "PEBBLE_VA_ALWAYS_VALID=", "PEBBLE_VA_NOSLEEP=1",
+		"PEBBLE_AUTHZREUSE=0", "PEBBLE_WFE_NONCEREJECT=0",
+		issLookPath("pebble"), "-config", path, "-dnsserver", issDNSAddr)
+	s.waitListening(s.Cli, s.pebbleAddr(14000), p)
+	s.waitListening(s.Cli, s.pebbleAddr(15000), p)
 }
 
-func (e *issEnv) directoryURL() string {
-	return "https://" + net.JoinHostPort(issCAv4, "14000") + "/dir"
-}
-
-func (e *issEnv) startNginx() {
-	d := filepath.Join(e.dir, "nginx")
+// startNginx runs nginx with a private prefix and config (never the system
+// service) on 443 of every IPv4 and IPv6 address.
+func (s *issSite) startNginx() {
+	d := filepath.Join(s.dir, "nginx")
 	if err := os.MkdirAll(filepath.Join(d, "logs"), 0o755); err != nil {
-		e.t.Fatal(err)
+		s.t.Fatal(err)
 	}
 	conf := fmt.Sprintf(`daemon off;
 master_process on;
@@ -369,102 +323,51 @@ http {
     location / { return 200 %[3]q; }
   }
 }
-`, d, e.dir, issWebBody)
+`, d, s.dir, issWebBody)
 	path := filepath.Join(d, "nginx.conf")
 	if err := os.WriteFile(path, []byte(conf), 0o600); err != nil {
-		e.t.Fatal(err)
+		s.t.Fatal(err)
 	}
-	p := e.start(e.webNS, "nginx", nil, e.tools["nginx"], "-p", d, "-c", path, "-e", filepath.Join(d, "logs", "error.log"))
-	e.waitListening(e.caNS, net.JoinHostPort(issWebV4, "443"), p)
-	e.waitListening(e.caNS, net.JoinHostPort(issWebV6, "443"), p)
+	p := s.start(s.Srv, "nginx", issLookPath("nginx"), "-p", d, "-c", path, "-e", filepath.Join(d, "logs", "error.log"))
+	s.waitListening(s.Cli, s.ServerAddr(IPv4, 443).String(), p)
+	s.waitListening(s.Cli, s.ServerAddr(IPv6, 443).String(), p)
 }
 
-// issDialIn dials addr from inside the network namespace ns. The socket is
-// created on a locked thread that joined ns; that thread is discarded when
-// the goroutine returns still locked, so no other goroutine ever runs in ns.
-func issDialIn(ctx context.Context, ns, network, addr string) (net.Conn, error) {
-	type result struct {
-		c   net.Conn
-		err error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread()
-		f, err := os.Open("/run/netns/" + ns)
-		if err != nil {
-			ch <- result{nil, err}
-			return
-		}
-		err = unix.Setns(int(f.Fd()), unix.CLONE_NEWNET)
-		f.Close()
-		if err != nil {
-			ch <- result{nil, fmt.Errorf("setns %s: %w", ns, err)}
-			return
-		}
-		var d net.Dialer
-		c, err := d.DialContext(ctx, network, addr)
-		ch <- result{c, err}
-	}()
-	r := <-ch
-	return r.c, r.err
-}
-
-func (e *issEnv) waitListening(ns, addr string, p *issProc) {
-	e.t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		c, err := issDialIn(ctx, ns, "tcp", addr)
-		cancel()
-		if err == nil {
-			c.Close()
-			return
-		}
-		select {
-		case <-p.done:
-			e.t.Fatalf("%s exited before listening on %s: %v\n%s", p.name, addr, p.err, p.out.String())
-		default:
-		}
-		if time.Now().After(deadline) {
-			e.t.Fatalf("%s not listening on %s in %s: %v\n%s", p.name, addr, ns, err, p.out.String())
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
-// issLoad is a continuous HTTPS load from the CA namespace against the web
-// host: every request on a fresh TCP+TLS connection, ALPN rotating between
-// h2+http/1.1, http/1.1 and none, over IPv4 and IPv6. A request counts as
-// good only if it reached nginx (pinned certificate) and got its body.
-type issLoad struct {
+// httpsLoad is a continuous HTTPS load from the CA namespace against
+// nginx: every request on a fresh TCP and TLS connection, cycling over IPv4
+// and IPv6 and the ALPN offers h2+http/1.1, http/1.1 and none. A request
+// is good only if nginx (its pinned certificate) answered 200 with its
+// body over the protocol the offer asked for.
+//
+// The harness's Load speaks the test servers' echo protocol, not HTTP,
+// hence this one.
+type httpsLoad struct {
+	site       *issSite
 	ok, failed atomic.Int64
 	mu         sync.Mutex
-	errs       []string
+	reasons    []string
+	started    time.Time
 	stop       chan struct{}
 	wg         sync.WaitGroup
 }
 
-func (e *issEnv) startLoad(workers int, pause time.Duration) *issLoad {
-	l := &issLoad{stop: make(chan struct{})}
-	targets := []string{net.JoinHostPort(issWebV4, "443"), net.JoinHostPort(issWebV6, "443")}
-	alpns := [][]string{{"h2", "http/1.1"}, {"http/1.1"}, nil}
-	for w := 0; w < workers; w++ {
+func (s *issSite) startLoad(workers int, pause time.Duration) *httpsLoad {
+	l := &httpsLoad{site: s, stop: make(chan struct{}), started: time.Now()}
+	targets := []netip.AddrPort{s.ServerAddr(IPv4, 443), s.ServerAddr(IPv6, 443)}
+	offers := [][]string{{"h2", "http/1.1"}, {"http/1.1"}, nil}
+	for w := range workers {
 		l.wg.Add(1)
-		go func(w int) {
+		go func() {
 			defer l.wg.Done()
 			for i := w; ; i++ {
-				select {
-				case <-l.stop:
-					return
-				default:
-				}
-				target := targets[i%len(targets)]
-				alpn := alpns[(i/len(targets))%len(alpns)]
-				if err := e.oneRequest(target, alpn); err != nil {
+				target, offer := targets[i%len(targets)], offers[(i/len(targets))%len(offers)]
+				begin := time.Now()
+				if err := s.get(target, offer); err != nil {
 					l.failed.Add(1)
 					l.mu.Lock()
-					if len(l.errs) < 20 {
-						l.errs = append(l.errs, fmt.Sprintf("%s %s alpn=%v: %v", time.Now().Format("15:04:05.000"), target, alpn, err))
+					if len(l.reasons) < 20 {
+						l.reasons = append(l.reasons, fmt.Sprintf("+%v %s alpn=%q: %v",
+							begin.Sub(l.started).Round(time.Millisecond), target, offer, err))
 					}
 					l.mu.Unlock()
 				} else {
@@ -476,13 +379,13 @@ func (e *issEnv) startLoad(workers int, pause time.Duration) *issLoad {
 				case <-time.After(pause):
 				}
 			}
-		}(w)
+		}()
 	}
-	e.t.Cleanup(l.halt)
+	s.t.Cleanup(l.halt)
 	return l
 }
 
-func (l *issLoad) halt() {
+func (l *httpsLoad) halt() {
 	select {
 	case <-l.stop:
 	default:
@@ -491,31 +394,50 @@ func (l *issLoad) halt() {
 	l.wg.Wait()
 }
 
-func (l *issLoad) report() string {
+func (l *httpsLoad) String() string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return fmt.Sprintf("%d ok, %d failed; first errors:\n%s", l.ok.Load(), l.failed.Load(), strings.Join(l.errs, "\n"))
+	s := fmt.Sprintf("%d requests ok, %d failed in %v", l.ok.Load(), l.failed.Load(), time.Since(l.started).Round(time.Millisecond))
+	if len(l.reasons) > 0 {
+		s += "; first failures:\n" + strings.Join(l.reasons, "\n")
+	}
+	return s
 }
 
-func (e *issEnv) oneRequest(target string, alpn []string) error {
+// waitGood waits for n more good requests, so that the load provably runs
+// before the proxy starts and after it has gone.
+func (l *httpsLoad) waitGood(n int64) {
+	l.site.t.Helper()
+	target := l.ok.Load() + n
+	deadline := time.Now().Add(30 * time.Second)
+	for l.ok.Load() < target {
+		if time.Now().After(deadline) {
+			l.site.t.Fatalf("web load made no progress: %v", l)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// get is one GET / on a fresh connection offering alpn (nil: no ALPN).
+func (s *issSite) get(target netip.AddrPort, alpn []string) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	var negotiated string
 	tr := &http.Transport{
 		ForceAttemptHTTP2: true,
-		DialTLSContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			raw, err := issDialIn(ctx, e.caNS, "tcp", target)
+		DialTLSContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			raw, err := s.Cli.Dial(ctx, target)
 			if err != nil {
 				return nil, err
 			}
 			c := tls.Client(raw, &tls.Config{
-				ServerName: issTestDomain,
+				ServerName: issDomain,
 				NextProtos: alpn,
-				// nginx's certificate is self-signed: pin it exactly.
+				// nginx's certificate is self-signed: pinned instead.
 				InsecureSkipVerify: true,
 				VerifyConnection: func(cs tls.ConnectionState) error {
-					if len(cs.PeerCertificates) == 0 || !bytes.Equal(cs.PeerCertificates[0].Raw, e.webPEM) {
-						return errors.New("peer is not the web server")
+					if len(cs.PeerCertificates) == 0 || !bytes.Equal(cs.PeerCertificates[0].Raw, s.webDER) {
+						return errors.New("the peer is not the web server")
 					}
 					return nil
 				},
@@ -529,7 +451,10 @@ func (e *issEnv) oneRequest(target string, alpn []string) error {
 		},
 	}
 	defer tr.CloseIdleConnections()
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "https://"+issTestDomain+"/", nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "https://"+issDomain+"/", nil)
+	if err != nil {
+		return err
+	}
 	resp, err := tr.RoundTrip(req)
 	if err != nil {
 		return err
@@ -537,10 +462,10 @@ func (e *issEnv) oneRequest(target string, alpn []string) error {
 	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<16))
 	resp.Body.Close()
 	if err != nil {
-		return fmt.Errorf("body: %w", err)
+		return fmt.Errorf("reading body: %w", err)
 	}
 	if resp.StatusCode != http.StatusOK || string(body) != issWebBody {
-		return fmt.Errorf("status %d body %q", resp.StatusCode, body)
+		return fmt.Errorf("status %d, body %q", resp.StatusCode, body)
 	}
 	if len(alpn) > 0 && negotiated != alpn[0] {
 		return fmt.Errorf("negotiated ALPN %q, want %q", negotiated, alpn[0])
@@ -548,45 +473,37 @@ func (e *issEnv) oneRequest(target string, alpn []string) error {
 	return nil
 }
 
-// waitLoad waits until the load has n more good requests than now, so that
-// the load provably runs before, during and after the proxy's life.
-func (l *issLoad) waitGood(t *testing.T, n int64) {
+// intermediate fetches the issuing certificate of this pebble instance
+// (pebble makes a new hierarchy at every start).
+func (s *issSite) intermediate() *x509.Certificate {
+	t := s.t
 	t.Helper()
-	target := l.ok.Load() + n
-	deadline := time.Now().Add(30 * time.Second)
-	for l.ok.Load() < target {
-		if time.Now().After(deadline) {
-			t.Fatalf("load made no progress: %s", l.report())
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-// intermediate fetches pebble's issuing certificate from its management API.
-func (e *issEnv) intermediate() *x509.Certificate {
-	t := e.t
-	t.Helper()
-	rootPEM, err := os.ReadFile(e.caPEM)
+	rootPEM, err := os.ReadFile(s.rootCA)
 	if err != nil {
 		t.Fatal(err)
 	}
 	pool := x509.NewCertPool()
 	pool.AppendCertsFromPEM(rootPEM)
-	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+	tr := &http.Transport{
 		TLSClientConfig: &tls.Config{RootCAs: pool},
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			return issDialIn(ctx, e.caNS, network, addr)
+			return s.Cli.DialContext(ctx, network, addr)
 		},
-	}}
-	resp, err := client.Get("https://" + net.JoinHostPort(issCAv4, "15000") + "/intermediates/0")
+	}
+	defer tr.CloseIdleConnections()
+	client := &http.Client{Timeout: 10 * time.Second, Transport: tr}
+	resp, err := client.Get("https://" + s.pebbleAddr(15000) + "/intermediates/0")
 	if err != nil {
-		t.Fatalf("fetch pebble intermediate: %v", err)
+		t.Fatalf("fetching pebble's intermediate: %v", err)
 	}
 	defer resp.Body.Close()
-	b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if err != nil {
+		t.Fatal(err)
+	}
 	blk, _ := pem.Decode(b)
 	if blk == nil {
-		t.Fatalf("pebble intermediate: no PEM in %q", b)
+		t.Fatalf("pebble's intermediate: no PEM in %q", b)
 	}
 	c, err := x509.ParseCertificate(blk.Bytes)
 	if err != nil {
@@ -595,208 +512,203 @@ func (e *issEnv) intermediate() *x509.Certificate {
 	return c
 }
 
-// checkIssued asserts that certPath holds a certificate for the test domain
-// signed by this pebble's intermediate.
-func (e *issEnv) checkIssued(certPath string) *x509.Certificate {
-	t := e.t
+// checkIssued asserts that certPath holds a certificate for issDomain
+// signed by this pebble's intermediate, valid now.
+func (s *issSite) checkIssued(certPath string) *x509.Certificate {
+	t := s.t
 	t.Helper()
 	b, err := os.ReadFile(certPath)
 	if err != nil {
-		t.Fatalf("no certificate written: %v", err)
+		t.Fatalf("no certificate: %v", err)
 	}
 	blk, _ := pem.Decode(b)
 	if blk == nil || blk.Type != "CERTIFICATE" {
-		t.Fatalf("%s: no certificate PEM", certPath)
+		t.Fatalf("%s: no CERTIFICATE PEM block", certPath)
 	}
 	leaf, err := x509.ParseCertificate(blk.Bytes)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(leaf.DNSNames) != 1 || leaf.DNSNames[0] != issTestDomain {
-		t.Errorf("certificate SANs %v, want [%s]", leaf.DNSNames, issTestDomain)
+	if len(leaf.DNSNames) != 1 || leaf.DNSNames[0] != issDomain {
+		t.Errorf("certificate names %v, want [%s]", leaf.DNSNames, issDomain)
 	}
-	if cn := leaf.Subject.CommonName; cn != "" && cn != issTestDomain {
-		t.Errorf("certificate CN %q, want %q", cn, issTestDomain)
+	if cn := leaf.Subject.CommonName; cn != "" && cn != issDomain {
+		t.Errorf("certificate CN %q, want %q", cn, issDomain)
 	}
-	inter := e.intermediate()
+	inter := s.intermediate()
 	if err := leaf.CheckSignatureFrom(inter); err != nil {
-		t.Errorf("certificate (issuer %q) not signed by pebble's intermediate %q: %v", leaf.Issuer, inter.Subject, err)
+		t.Errorf("certificate issued by %q is not signed by pebble's intermediate %q: %v", leaf.Issuer, inter.Subject, err)
 	}
 	if now := time.Now(); now.Before(leaf.NotBefore) || now.After(leaf.NotAfter) {
-		t.Errorf("certificate not valid now: %v..%v", leaf.NotBefore, leaf.NotAfter)
+		t.Errorf("certificate not valid now: %v to %v", leaf.NotBefore, leaf.NotAfter)
 	}
 	return leaf
 }
 
-// proxyFlags are the flags every acme-alpn-proxy invocation of a test uses.
-func (e *issEnv) proxyFlags(logPath string) []string {
-	return []string{"-log", logPath, "-pidfile", filepath.Join(e.dir, "acme-alpn-proxy.pid")}
-}
-
-// proxyCmd runs acme-alpn-proxy synchronously in the web namespace.
-func (e *issEnv) proxyCmd(bin string, args ...string) (string, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), issDeadline)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", e.webNS, bin}, args...)...)
-	out, err := cmd.CombinedOutput()
-	return string(out), err
-}
-
-// checkProxyLog asserts that the validation really went through the proxy.
-func (e *issEnv) checkProxyLog(log string) {
-	t := e.t
+// checkAfter asserts what a user sees once issuance is over: the
+// validation went through the proxy, no rule of ours is left, and the web
+// load never failed.
+func (s *issSite) checkAfter(v Variant, proxyLog string, load *httpsLoad) {
+	t := s.t
 	t.Helper()
-	if !strings.Contains(log, "msg=ready") {
+	if !strings.Contains(proxyLog, "msg=ready") {
 		t.Errorf("proxy log has no msg=ready line")
 	}
-	if !strings.Contains(log, "route=acme") {
-		t.Errorf("proxy log has no connection routed to the ACME responder")
+	acme := strings.Count(proxyLog, "route=acme")
+	if acme == 0 {
+		t.Errorf("proxy log shows no connection routed to the ACME responder")
 	}
 	t.Logf("proxy log: %d connections routed to the ACME responder, %d to the web server",
-		strings.Count(log, "route=acme"), strings.Count(log, "route=fallback"))
-}
-
-// checkNoRules asserts that no table of ours is left in the web namespace.
-func (e *issEnv) checkNoRules() {
-	t := e.t
-	t.Helper()
-	out, err := exec.Command("ip", "netns", "exec", e.webNS, "nft", "list", "tables").CombinedOutput()
-	if err != nil {
-		t.Fatalf("nft list tables: %v\n%s", err, out)
+		acme, strings.Count(proxyLog, "route=fallback"))
+	if rules := s.OurRules(t, v); len(rules) > 0 {
+		t.Errorf("rules left after the proxy stopped:\n%s", strings.Join(rules, "\n"))
 	}
-	if strings.Contains(string(out), "acme-alpn-proxy") {
-		t.Errorf("rules left after the proxy stopped:\n%s", out)
+	if load.failed.Load() != 0 {
+		t.Errorf("web requests failed during issuance: %v", load)
 	}
 }
 
-func (e *issEnv) legoArgs(path string) []string {
-	return []string{e.tools["lego"], "--server", e.directoryURL(), "--tls", "--tls.port", issResponder,
-		"--domains", issTestDomain, "--email", "me@example.org", "--accept-tos", "--path", path, "run"}
+func (s *issSite) legoArgs(dir string) []string {
+	return []string{"env", "LEGO_CA_CERTIFICATES=" + s.rootCA, issLookPath("lego"),
+		"--server", s.DirectoryURL(), "--tls", "--tls.port", ACMEAddr.String(),
+		"--domains", issDomain, "--email", issEmail, "--accept-tos", "--path", dir, "run"}
 }
+
+func legoCertPath(dir string) string {
+	return filepath.Join(dir, "certificates", issDomain+".crt")
+}
+
+// issLoad* set the web load: about 40 requests/s, each on a new connection.
+const (
+	issLoadWorkers = 2
+	issLoadPause   = 50 * time.Millisecond
+)
 
 func TestIssuance(t *testing.T) {
-	tools := issRequire(t)
-	bin := issProxyBinary(t, t.TempDir())
-
-	// lego's certificate is checked against the pebble that issued it.
-	legoCert := func(path string) string {
-		return filepath.Join(path, "certificates", issTestDomain+".crt")
-	}
-
-	runWrapper := func(t *testing.T, v6 bool) {
-		e := newIssEnv(t, tools, v6)
-		load := e.startLoad(4, 50*time.Millisecond)
-		load.waitGood(t, 20)
-
-		legoDir := filepath.Join(e.dir, "lego")
-		logPath := filepath.Join(e.dir, "proxy.log")
-		t.Cleanup(func() { e.logOnFailure(logPath) })
-		args := append(e.proxyFlags(logPath), "run", "--")
-		args = append(args, e.legoArgs(legoDir)...)
-		began := time.Now()
-		p := e.start(e.webNS, "acme-alpn-proxy run -- lego", []string{"LEGO_CA_CERTIFICATES=" + e.caPEM},
-			append([]string{bin}, args...)...)
-		err, exited := p.wait(issDeadline)
-		took := time.Since(began)
-		if !exited {
-			t.Fatalf("acme-alpn-proxy run -- lego did not finish in %v\n%s", issDeadline, p.out.String())
-		}
-		if err != nil {
-			t.Fatalf("acme-alpn-proxy run -- lego: %v\n%s", err, p.out.String())
-		}
-		load.waitGood(t, 20)
-		load.halt()
-
-		leaf := e.checkIssued(legoCert(legoDir))
-		proxyLog, _ := os.ReadFile(logPath)
-		e.checkProxyLog(string(proxyLog))
-		e.checkNoRules()
-		if load.failed.Load() != 0 {
-			t.Errorf("web requests failed during issuance: %s", load.report())
-		}
-		t.Logf("issued %q by %q in %v (proxy start to exit); load: %s", leaf.DNSNames, leaf.Issuer.CommonName, took, load.report())
-	}
-
-	t.Run("run-wrapper", func(t *testing.T) { runWrapper(t, false) })
-	t.Run("run-wrapper-ipv6", func(t *testing.T) { runWrapper(t, true) })
-
+	// run-wrapper: `acme-alpn-proxy run -- lego ... run`, in every variant.
+	t.Run("run-wrapper", func(t *testing.T) {
+		forEachVariant(t, func(t *testing.T, v Variant) {
+			issRunWrapper(t, v, false)
+		})
+	})
+	t.Run("run-wrapper-ipv6", func(t *testing.T) {
+		issRunWrapper(t, variants[0], true)
+	})
 	t.Run("hooks", func(t *testing.T) {
-		e := newIssEnv(t, tools, false)
-		load := e.startLoad(4, 50*time.Millisecond)
-		load.waitGood(t, 20)
-		logPath := filepath.Join(e.dir, "proxy.log")
-		pidPath := filepath.Join(e.dir, "acme-alpn-proxy.pid")
-		t.Cleanup(func() { e.logOnFailure(logPath) })
-		t.Cleanup(func() { e.stopDaemon(bin, logPath, pidPath) })
-
-		began := time.Now()
-		if out, err := e.proxyCmd(bin, append(e.proxyFlags(logPath), "start", "-d")...); err != nil {
-			t.Fatalf("start -d: %v\n%s", err, out)
-		}
-		ready := time.Since(began)
-		if out, err := e.proxyCmd(bin, append(e.proxyFlags(logPath), "status")...); err != nil {
-			t.Errorf("status after start -d: %v (want exit 0)\n%s", err, out)
-		}
-
-		legoDir := filepath.Join(e.dir, "lego")
-		p := e.start(e.webNS, "lego", []string{"LEGO_CA_CERTIFICATES=" + e.caPEM}, e.legoArgs(legoDir)...)
-		err, exited := p.wait(issDeadline)
-		if !exited || err != nil {
-			t.Fatalf("lego (exited=%v): %v\n%s", exited, err, p.out.String())
-		}
-		issued := time.Since(began)
-
-		if out, err := e.proxyCmd(bin, append(e.proxyFlags(logPath), "stop")...); err != nil {
-			t.Fatalf("stop: %v\n%s", err, out)
-		}
-		stopped := time.Since(began)
-		out, err := e.proxyCmd(bin, append(e.proxyFlags(logPath), "status")...)
-		var exitErr *exec.ExitError
-		if !errors.As(err, &exitErr) || exitErr.ExitCode() != 3 {
-			t.Errorf("status after stop: %v (want exit 3, not running)\n%s", err, out)
-		}
-		load.waitGood(t, 20)
-		load.halt()
-
-		leaf := e.checkIssued(legoCert(legoDir))
-		proxyLog, _ := os.ReadFile(logPath)
-		e.checkProxyLog(string(proxyLog))
-		e.checkNoRules()
-		if load.failed.Load() != 0 {
-			t.Errorf("web requests failed during issuance: %s", load.report())
-		}
-		t.Logf("issued %q: ready after %v, lego done after %v, stopped after %v; load: %s",
-			leaf.DNSNames, ready, issued, stopped, load.report())
+		issHooks(t, variants[0])
 	})
 }
 
-// stopDaemon ends a proxy that `start -d` left running after a failure: the
-// CLI's own stop first, then the PID from its pidfile.
-func (e *issEnv) stopDaemon(bin, logPath, pidPath string) {
-	b, err := os.ReadFile(pidPath)
+func issRunWrapper(t *testing.T, v Variant, v6 bool) {
+	issRequire(t, "pebble", "pebble-challtestsrv", "nginx", "lego", "env")
+	s := newIssSite(t, v6)
+	load := s.startLoad(issLoadWorkers, issLoadPause)
+	load.waitGood(20)
+
+	p := s.NewProxy(t, v)
+	legoDir := filepath.Join(s.dir, "lego")
+	ctx, cancel := context.WithTimeout(context.Background(), issDeadline)
+	defer cancel()
+	cmd := p.command(ctx, append([]string{"run", "--"}, s.legoArgs(legoDir)...)...)
+	// On timeout end the whole group: the proxy and the lego it started.
+	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
+	var out syncBuffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	began := time.Now()
+	err := cmd.Run()
+	took := time.Since(began)
+	if err != nil {
+		t.Fatalf("acme-alpn-proxy run -- lego: %v (after %v)\n%s", err, took.Round(time.Millisecond), out.String())
+	}
+	load.waitGood(20)
+	load.halt()
+
+	leaf := s.checkIssued(legoCertPath(legoDir))
+	s.checkAfter(v, out.String(), load)
+	if t.Failed() {
+		t.Logf("--- acme-alpn-proxy run output ---\n%s", out.String())
+	}
+	t.Logf("%s issued to %v via %s in %v (run start to exit); web load: %v",
+		leaf.Issuer.CommonName, leaf.DNSNames, s.webIP, took.Round(time.Millisecond), load)
+}
+
+func issHooks(t *testing.T, v Variant) {
+	issRequire(t, "pebble", "pebble-challtestsrv", "nginx", "lego", "env")
+	s := newIssSite(t, false)
+	load := s.startLoad(issLoadWorkers, issLoadPause)
+	load.waitGood(20)
+
+	logPath := filepath.Join(s.dir, "proxy.log")
+	p := s.NewProxy(t, v, "-log", logPath) // the daemon logs to a file
+	t.Cleanup(func() { issStopDaemon(t, p, logPath) })
+
+	began := time.Now()
+	if r := p.RunT("start", "-d"); r.Code != 0 {
+		t.Fatalf("start -d: %v", r)
+	}
+	ready := time.Since(began)
+	if code := p.Status(); code != 0 {
+		t.Errorf("status after start -d returned: exit %d, want 0", code)
+	}
+
+	legoDir := filepath.Join(s.dir, "lego")
+	lego := s.start(s.Srv, "lego", s.legoArgs(legoDir)...)
+	if err := lego.wait(issDeadline); err != nil {
+		t.Fatalf("lego: %v\n%s", err, lego.out.String())
+	}
+	issued := time.Since(began)
+
+	if r := p.RunT("stop"); r.Code != 0 {
+		t.Fatalf("stop: %v", r)
+	}
+	stopped := time.Since(began)
+	if code := p.Status(); code != 3 {
+		t.Errorf("status after stop: exit %d, want 3 (not running)", code)
+	}
+	load.waitGood(20)
+	load.halt()
+
+	leaf := s.checkIssued(legoCertPath(legoDir))
+	proxyLog, err := os.ReadFile(logPath)
+	if err != nil {
+		t.Fatalf("proxy log: %v", err)
+	}
+	s.checkAfter(v, string(proxyLog), load)
+	t.Logf("%s issued to %v: ready after %v, lego done after %v, stopped after %v; web load: %v",
+		leaf.Issuer.CommonName, leaf.DNSNames, ready.Round(time.Millisecond),
+		issued.Round(time.Millisecond), stopped.Round(time.Millisecond), load)
+}
+
+// issStopDaemon ends a proxy that `start -d` left running when the test
+// failed: with the CLI's stop, then by the PID in its pidfile. It logs the
+// proxy's log file on failure.
+func issStopDaemon(t *testing.T, p *Proxy, logPath string) {
+	if t.Failed() {
+		if b, err := os.ReadFile(logPath); err == nil {
+			t.Logf("--- proxy log %s ---\n%s", logPath, b)
+		}
+	}
+	b, err := os.ReadFile(p.PidFile)
 	if err != nil {
 		return
 	}
-	var pid int
-	if _, err := fmt.Sscanf(strings.TrimSpace(string(b)), "%d", &pid); err != nil || pid <= 0 {
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || pid <= 0 || !issIsProxy(pid) {
 		return
 	}
-	if syscall.Kill(pid, 0) != nil {
-		return
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if r := p.Run(ctx, "stop"); r.Code != 0 {
+		t.Logf("cleanup: %v", r)
 	}
-	if out, err := e.proxyCmd(bin, append(e.proxyFlags(logPath), "stop")...); err != nil {
-		e.t.Logf("cleanup stop: %v\n%s", err, out)
-	}
-	if syscall.Kill(pid, 0) == nil {
+	if issIsProxy(pid) {
 		syscall.Kill(pid, syscall.SIGKILL)
 	}
 }
 
-func (e *issEnv) logOnFailure(logPath string) {
-	if !e.t.Failed() {
-		return
-	}
-	if log, err := os.ReadFile(logPath); err == nil {
-		e.t.Logf("--- proxy log ---\n%s", log)
-	}
+// issIsProxy reports whether pid is a running instance of the binary under
+// test, so that a stale pidfile never gets another process killed.
+func issIsProxy(pid int) bool {
+	exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
+	return err == nil && exe == proxyBin
 }
