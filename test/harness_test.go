@@ -32,40 +32,51 @@ const TableName = "acme-alpn-proxy"
 // ListenPort is the proxy's default listener port.
 const ListenPort = 21443
 
-// proxyBin is the acme-alpn-proxy binary built by TestMain.
-var proxyBin string
+// proxyBin is the acme-alpn-proxy binary built by TestMain; buildErr says
+// why there is none. Tests needing it fail through requireBinary, so tests
+// of the harness itself still run when the binary does not build.
+var (
+	proxyBin string
+	buildErr error
+)
 
 // TestMain builds the binary once from the repository root (the parent of
 // this directory), so every test runs exactly the code under test.
 func TestMain(m *testing.M) {
-	os.Exit(buildAndRun(m))
-}
-
-func buildAndRun(m *testing.M) int {
 	dir, err := os.MkdirTemp("", "acme-alpn-proxy-e2e-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "e2e:", err)
-		return 1
+		os.Exit(1)
 	}
-	defer os.RemoveAll(dir)
+	proxyBin, buildErr = buildProxy(dir)
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+func buildProxy(dir string) (string, error) {
 	root, err := filepath.Abs("..")
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "e2e:", err)
-		return 1
+		return "", err
 	}
 	if _, err := os.Stat(filepath.Join(root, "go.mod")); err != nil {
-		fmt.Fprintf(os.Stderr, "e2e: repository root not found at %s: %v\n", root, err)
-		return 1
+		return "", fmt.Errorf("repository root not found at %s: %w", root, err)
 	}
 	bin := filepath.Join(dir, "acme-alpn-proxy")
 	build := exec.Command("go", "build", "-o", bin, "./cmd/acme-alpn-proxy")
 	build.Dir = root
 	if out, err := build.CombinedOutput(); err != nil {
-		fmt.Fprintf(os.Stderr, "e2e: go build ./cmd/acme-alpn-proxy: %v\n%s", err, out)
-		return 1
+		return "", fmt.Errorf("go build ./cmd/acme-alpn-proxy: %w\n%s", err, out)
 	}
-	proxyBin = bin
-	return m.Run()
+	return bin, nil
+}
+
+// requireBinary fails the test if TestMain could not build the proxy.
+func requireBinary(t testing.TB) {
+	t.Helper()
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
 }
 
 // inCI reports whether privileged tests must run rather than skip.
@@ -441,6 +452,7 @@ type Proxy struct {
 // child still running and logs everything the proxy wrote if t failed.
 func (e *Env) NewProxy(t testing.TB, v Variant, extra ...string) *Proxy {
 	t.Helper()
+	requireBinary(t)
 	dir := t.TempDir()
 	p := &Proxy{
 		t: t, env: e, Variant: v,

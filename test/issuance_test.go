@@ -30,6 +30,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -597,6 +598,9 @@ func TestIssuance(t *testing.T) {
 	t.Run("hooks", func(t *testing.T) {
 		issHooks(t, variants[0])
 	})
+	t.Run("uacme-ualpn", func(t *testing.T) {
+		issUacme(t, variants[0])
+	})
 }
 
 func issRunWrapper(t *testing.T, v Variant, v6 bool) {
@@ -605,12 +609,25 @@ func issRunWrapper(t *testing.T, v Variant, v6 bool) {
 	load := s.startLoad(issLoadWorkers, issLoadPause)
 	load.waitGood(20)
 
-	p := s.NewProxy(t, v)
 	legoDir := filepath.Join(s.dir, "lego")
+	out, took := issRunWrapped(t, s.NewProxy(t, v), s.legoArgs(legoDir))
+	load.waitGood(20)
+	load.halt()
+
+	leaf := s.checkIssued(legoCertPath(legoDir))
+	s.checkAfter(v, out, load)
+	t.Logf("%s issued to %v via %s in %v (run start to exit); web load: %v",
+		leaf.Issuer.CommonName, leaf.DNSNames, s.webIP, took.Round(time.Millisecond), load)
+}
+
+// issRunWrapped runs `acme-alpn-proxy run -- argv...` to completion and
+// returns its output (the proxy logs to stderr) and how long it took.
+func issRunWrapped(t *testing.T, p *Proxy, argv []string) (string, time.Duration) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), issDeadline)
 	defer cancel()
-	cmd := p.command(ctx, append([]string{"run", "--"}, s.legoArgs(legoDir)...)...)
-	// On timeout end the whole group: the proxy and the lego it started.
+	cmd := p.command(ctx, append([]string{"run", "--"}, argv...)...)
+	// On timeout end the whole group: the proxy and the client it started.
 	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
 	var out syncBuffer
 	cmd.Stdout, cmd.Stderr = &out, &out
@@ -618,18 +635,60 @@ func issRunWrapper(t *testing.T, v Variant, v6 bool) {
 	err := cmd.Run()
 	took := time.Since(began)
 	if err != nil {
-		t.Fatalf("acme-alpn-proxy run -- lego: %v (after %v)\n%s", err, took.Round(time.Millisecond), out.String())
+		t.Fatalf("acme-alpn-proxy run -- %s: %v (after %v)\n%s", filepath.Base(argv[0]), err, took.Round(time.Millisecond), out.String())
 	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("--- acme-alpn-proxy run output ---\n%s", out.String())
+		}
+	})
+	return out.String(), took
+}
+
+// issUacme: uacme with ualpn as the responder on 127.0.0.1:31443, run
+// through `acme-alpn-proxy run`. uacme uses libcurl-gnutls, which has no
+// CA option: pebble's root is bind-mounted over the system bundle inside
+// the mount namespace that `ip netns exec` makes for the command.
+func issUacme(t *testing.T, v Variant) {
+	issRequire(t, "pebble", "pebble-challtestsrv", "nginx", "uacme", "ualpn", "sh", "mount")
+	s := newIssSite(t, false)
+	load := s.startLoad(issLoadWorkers, issLoadPause)
+	load.waitGood(20)
+
+	sock := filepath.Join(s.dir, "ualpn.sock")
+	// -c is required in server mode; the proxy never sends it anything
+	// but acme-tls/1 connections. -P 0: no PROXY header.
+	ualpn := s.start(s.Srv, "ualpn", issLookPath("ualpn"), "-v", "-b", "127.0.0.1@31443",
+		"-c", "127.0.0.1@443", "-P", "0", "-p", filepath.Join(s.dir, "ualpn.pid"), "-s", sock)
+	s.waitListening(s.Srv, ACMEAddr.String(), ualpn)
+
+	// Like /usr/share/uacme/ualpn.sh, but with our own control socket.
+	hook := filepath.Join(s.dir, "ualpn-hook.sh")
+	script := `#!/bin/sh
+[ "$2" = tls-alpn-01 ] || exit 1
+case "$1" in
+begin) out=$(echo "auth $3 $5" | ualpn -s ` + sock + `) ;;
+done|failed) out=$(echo "unauth $3" | ualpn -s ` + sock + `) ;;
+*) exit 1 ;;
+esac
+[ "$out" = OK ]
+`
+	if err := os.WriteFile(hook, []byte(script), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	trusting := []string{"sh", "-c", `mount --bind "$0" /etc/ssl/certs/ca-certificates.crt && exec "$@"`, s.rootCA}
+	conf := filepath.Join(s.dir, "uacme")
+	uacme := slices.Concat(trusting, []string{issLookPath("uacme"), "-v", "-c", conf, "-a", s.DirectoryURL()})
+	s.Srv.MustExec(t, uacme[0], slices.Concat(uacme[1:], []string{"-y", "new", issEmail})...)
+
+	out, took := issRunWrapped(t, s.NewProxy(t, v), slices.Concat(uacme, []string{"-h", hook, "issue", issDomain}))
 	load.waitGood(20)
 	load.halt()
 
-	leaf := s.checkIssued(legoCertPath(legoDir))
-	s.checkAfter(v, out.String(), load)
-	if t.Failed() {
-		t.Logf("--- acme-alpn-proxy run output ---\n%s", out.String())
-	}
-	t.Logf("%s issued to %v via %s in %v (run start to exit); web load: %v",
-		leaf.Issuer.CommonName, leaf.DNSNames, s.webIP, took.Round(time.Millisecond), load)
+	leaf := s.checkIssued(filepath.Join(conf, issDomain, "cert.pem"))
+	s.checkAfter(v, out, load)
+	t.Logf("%s issued to %v in %v (run start to exit); web load: %v",
+		leaf.Issuer.CommonName, leaf.DNSNames, took.Round(time.Millisecond), load)
 }
 
 func issHooks(t *testing.T, v Variant) {

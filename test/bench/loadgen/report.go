@@ -222,6 +222,9 @@ func errorNotes(results []Result) []string {
 	for _, r := range results {
 		var what string
 		switch {
+		case r.Mode == "skip":
+			notes = append(notes, fmt.Sprintf("%s rep %d: %s", r.Peer, r.Rep, r.Error))
+			continue
 		case r.Mode == "idle" && r.Open < r.Want:
 			what = fmt.Sprintf("%d/%d idle connections opened", r.Open, r.Want)
 		case r.Errors > 0 || r.Error != "":
