@@ -643,7 +643,8 @@ func (p *Proxy) WaitExit(limit time.Duration) error {
 }
 
 // Stop runs `stop`, requires exit 0, and requires the start child to have
-// exited by the time stop returns (stop waits for the instance to exit).
+// exited, with status 0, by the time stop returns (stop waits for the
+// instance to exit).
 func (p *Proxy) Stop() {
 	p.t.Helper()
 	r := p.RunT("stop")
@@ -652,6 +653,9 @@ func (p *Proxy) Stop() {
 	}
 	if err := p.WaitExit(2 * time.Second); err != nil {
 		p.t.Fatalf("stop returned 0 but the instance did not exit: %v\n%v", err, r)
+	}
+	if err := p.ExitErr(); err != nil {
+		p.t.Errorf("foreground start ended with %v after a clean stop, want exit 0", err)
 	}
 }
 
