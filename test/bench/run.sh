@@ -184,7 +184,7 @@ EOF
 		haproxy -db -f "$WORK/haproxy.cfg" >>"$WORK/haproxy.log" 2>&1 &
 		;;
 	nginx)
-		find_nginx_stream
+		find_nginx_stream || true
 		cat >"$WORK/nginx.conf" <<EOF
 ${NGINX_STREAM_MODULE:+load_module $NGINX_STREAM_MODULE;}
 daemon off;
