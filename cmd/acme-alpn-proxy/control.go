@@ -1,0 +1,184 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os/exec"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/acme-alpn-proxy/acme-alpn-proxy/pkg/compat"
+	"github.com/acme-alpn-proxy/acme-alpn-proxy/pkg/intercept"
+	"github.com/acme-alpn-proxy/acme-alpn-proxy/pkg/nft"
+)
+
+// stop signals the running instance and waits until it has exited, so a
+// `start` right after never meets a draining instance. With none running it
+// removes rules a killed instance left behind (iptables rules, plain
+// nftables tables; owner tables died with their process).
+func stop(cfg config, stdout, stderr io.Writer) int {
+	running, st, err := probePidfile(cfg.pidfile)
+	if err != nil && !running {
+		fmt.Fprintf(stderr, "acme-alpn-proxy: %v\n", err)
+		return exitFailure
+	}
+	if !running {
+		removed, err := removeStale()
+		if err != nil {
+			fmt.Fprintf(stderr, "acme-alpn-proxy: not running; removing stale rules failed: %v\n", err)
+			return exitFailure
+		}
+		if removed != "" {
+			fmt.Fprintf(stdout, "acme-alpn-proxy was not running; removed stale rules: %s\n", removed)
+		} else {
+			fmt.Fprintln(stdout, "acme-alpn-proxy is not running")
+		}
+		return exitOK
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "acme-alpn-proxy: running, but %v\n", err)
+		return exitFailure
+	}
+	if err := syscall.Kill(st.pid, syscall.SIGTERM); err != nil {
+		fmt.Fprintf(stderr, "acme-alpn-proxy: signalling pid %d: %v\n", st.pid, err)
+		return exitFailure
+	}
+	deadline := time.Now().Add(cfg.drainTimeout + 30*time.Second)
+	for time.Now().Before(deadline) {
+		if still, _, _ := probePidfile(cfg.pidfile); !still {
+			fmt.Fprintf(stdout, "acme-alpn-proxy stopped (pid %d)\n", st.pid)
+			return exitOK
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	fmt.Fprintf(stderr, "acme-alpn-proxy: pid %d still draining after %v; its interception is removed (send another SIGTERM to cut in-flight connections)\n", st.pid, cfg.drainTimeout+30*time.Second)
+	return exitFailure
+}
+
+// status prints the state; exit codes are documented in usage.
+func status(cfg config, stdout, stderr io.Writer) int {
+	running, st, err := probePidfile(cfg.pidfile)
+	if !running {
+		if err != nil {
+			fmt.Fprintf(stderr, "acme-alpn-proxy: %v\n", err)
+		}
+		stale := staleRules()
+		if stale != "" {
+			fmt.Fprintf(stdout, "not running, but stale rules of ours are installed: %s\n(new connections to port %d are sent to a proxy that is gone: run `acme-alpn-proxy stop` to remove them)\n", stale, cfg.port)
+			return exitStale
+		}
+		fmt.Fprintln(stdout, "not running")
+		return exitNotRunning
+	}
+	if err != nil {
+		fmt.Fprintf(stdout, "running, state unknown: %v\n", err)
+		return exitFailure
+	}
+	if st.backend == "none" {
+		fmt.Fprintf(stdout, "running (pid %d), no interception (-no-redirect)\n", st.pid)
+		return exitOK
+	}
+	active, desc, err := interceptActive(st.backend)
+	if err != nil {
+		fmt.Fprintf(stdout, "running (pid %d), backend %s, mode %s; cannot read rules: %v\n", st.pid, st.backend, st.mode, err)
+		return exitFailure
+	}
+	if !active {
+		fmt.Fprintf(stdout, "running (pid %d), backend %s, mode %s, interception NOT active (draining after stop?)\n%s", st.pid, st.backend, st.mode, desc)
+		return exitFailure
+	}
+	fmt.Fprintf(stdout, "running (pid %d), backend %s, mode %s, interception active\n%s", st.pid, st.backend, st.mode, desc)
+	return exitOK
+}
+
+// interceptActive reads the kernel's (or iptables') view of our rules.
+func interceptActive(backend string) (bool, string, error) {
+	if backend == "iptables" {
+		b, err := compat.New(compat.Options{})
+		if err != nil {
+			return false, "", err
+		}
+		s, err := b.Inspect()
+		return s.Intercepting(), describeIPTables(s), err
+	}
+	s, err := nft.Inspect()
+	active := false
+	for _, t := range s.Tables {
+		active = active || t.Intercepting()
+	}
+	return active, describeNFT(s), err
+}
+
+func describeNFT(s nft.State) string {
+	var b strings.Builder
+	for _, t := range s.Tables {
+		if !t.Exists {
+			continue
+		}
+		flags := "plain table: stays if the process dies"
+		if t.Owner {
+			flags = "owner table: the kernel removes it when the process dies"
+		}
+		fmt.Fprintf(&b, "  nft table %s %s (%s), mode %s, intercepting: %v\n", t.Family, intercept.TableName, flags, t.Mode(), t.Intercepting())
+	}
+	return b.String()
+}
+
+func describeIPTables(s compat.State) string {
+	var b strings.Builder
+	for _, r := range s.Rules {
+		bin := "iptables"
+		if r.Family == intercept.IPv6 {
+			bin = "ip6tables"
+		}
+		fmt.Fprintf(&b, "  %s -t %s %s (%s)\n", bin, r.Table, r.Rule, r.Role)
+	}
+	return b.String()
+}
+
+// staleRules describes rules of ours that exist with no instance of this
+// pid file running. Owner tables are never stale: they die with their
+// process, so one that exists belongs to a live instance.
+func staleRules() string {
+	var found []string
+	if s, err := nft.Inspect(); err == nil {
+		for _, t := range s.Tables {
+			if t.Exists && !t.Owner {
+				found = append(found, fmt.Sprintf("nft table %s %s", t.Family, intercept.TableName))
+			}
+		}
+	}
+	if _, err := exec.LookPath("iptables"); err == nil {
+		if b, err := compat.New(compat.Options{}); err == nil {
+			if s, err := b.Inspect(); err == nil && len(s.Rules) > 0 {
+				found = append(found, fmt.Sprintf("%d iptables rules commented %s", len(s.Rules), compat.Comment))
+			}
+		}
+	}
+	return strings.Join(found, "; ")
+}
+
+// removeStale removes what staleRules finds.
+func removeStale() (string, error) {
+	stale := staleRules()
+	if stale == "" {
+		return "", nil
+	}
+	var errs []string
+	if _, err := nft.RemoveStale(); err != nil {
+		errs = append(errs, "nftables: "+err.Error())
+	}
+	if _, err := exec.LookPath("iptables"); err == nil {
+		if b, err := compat.New(compat.Options{}); err == nil {
+			if err := b.Remove(); err != nil {
+				errs = append(errs, "iptables: "+err.Error())
+			}
+		}
+	}
+	if len(errs) > 0 {
+		return stale, errors.New(strings.Join(errs, "; "))
+	}
+	return stale, nil
+}

@@ -1,0 +1,243 @@
+// Command acme-alpn-proxy lets an ACME client's TLS-ALPN-01 responder answer
+// on port 443 while the web server keeps serving it.
+//
+//	acme-alpn-proxy [flags] start [-d]          # intercept new tcp/443 connections
+//	acme-alpn-proxy [flags] stop                # remove the interception, drain, exit
+//	acme-alpn-proxy [flags] status              # 0 active, 3 not running, 4 stale rules
+//	acme-alpn-proxy [flags] run -- CMD [ARGS]   # start, run CMD, stop
+//
+// Every new connection to the web server's port is taken (nftables or
+// iptables, TPROXY or NAT redirect) to our listener; its ClientHello is read
+// whole, and the connection is relayed to the ACME responder when its ALPN
+// list offers acme-tls/1, to the web server otherwise.
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Exit codes of the status command; scripts depend on them.
+const (
+	exitOK         = 0
+	exitFailure    = 1
+	exitUsage      = 2
+	exitNotRunning = 3
+	exitStale      = 4
+)
+
+// config is everything the flags and environment select.
+type config struct {
+	alpn          string
+	fallback      string // "" = the original destination, port `port`
+	listen        string
+	port          uint16
+	listenPort    uint16
+	helloTimeout  time.Duration
+	drainTimeout  time.Duration
+	dialTimeout   time.Duration
+	pidfile       string
+	logPath       string // "" = default by terminal, "-" = stderr
+	backend       string
+	mode          string
+	noRedirect    bool
+	skipPreflight bool
+	daemon        bool
+	disableV6     bool
+	ruleSpec      string
+}
+
+func main() {
+	os.Exit(realMain(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+func usage(w io.Writer, fs *flag.FlagSet) {
+	fmt.Fprintf(w, `usage: acme-alpn-proxy [flags] start [-d] | stop | status | run -- COMMAND [ARGS...]
+
+  start   intercept new connections to -port and route them by ALPN (foreground;
+          -d: background, returns once ready)
+  stop    remove the interception, let in-flight connections finish, exit
+          (exit 0 also when none runs; then removes stale rules)
+  status  exit 0: running with interception active; 3: not running;
+          4: stale rules of ours with no running proxy; 1: other problem
+  run     start, wait until ready, run COMMAND, stop; exits with COMMAND's status
+
+flags (before or after the command):
+`)
+	fs.SetOutput(w)
+	fs.PrintDefaults()
+	fmt.Fprint(w, `
+environment:
+  ACME_ALPN_PROXY_PIDFILE   default for -pidfile
+  ACME_ALPN_PROXY_DISABLEV6 =y: do not intercept IPv6
+  ACME_ALPN_PROXY_RULESPEC  iptables rule text after "-t nat -I PREROUTING 1"
+                            (redirect mode; selects the iptables backend under auto)
+`)
+}
+
+func realMain(args []string, stdout, stderr io.Writer) int {
+	cfg, cmd, cmdArgs, err := parseArgs(args, stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return exitOK
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "acme-alpn-proxy: %v\n", err)
+		return exitUsage
+	}
+	switch cmd {
+	case "start":
+		if cfg.daemon {
+			return startDaemon(cfg, stdout, stderr)
+		}
+		return startForeground(cfg, stdout, stderr)
+	case "stop":
+		return stop(cfg, stdout, stderr)
+	case "status":
+		return status(cfg, stdout, stderr)
+	case "run":
+		return runWrapped(cfg, cmdArgs, stderr)
+	}
+	panic("unreachable: parseArgs returned unknown command " + cmd)
+}
+
+// parseArgs parses flags given before and after the command word.
+func parseArgs(args []string, stderr io.Writer) (cfg config, cmd string, rest []string, err error) {
+	fs := flag.NewFlagSet("acme-alpn-proxy", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	pidDefault := "/run/acme-alpn-proxy.pid"
+	if p := os.Getenv("ACME_ALPN_PROXY_PIDFILE"); p != "" {
+		pidDefault = p
+	}
+	port := fs.Uint("port", 443, "incoming `port` to intercept")
+	fs.StringVar(&cfg.alpn, "alpn", "127.0.0.1:31443", "ACME TLS-ALPN-01 responder `host:port`")
+	fs.StringVar(&cfg.fallback, "fallback", "", "web server `host:port` (default: the address the client dialed, port -port;\n"+
+		"note: a loopback fallback makes every client look like localhost to the web server)")
+	fs.StringVar(&cfg.listen, "listen", ":21443", "proxy listener `address` (host empty: IPv4 and IPv6)")
+	fs.DurationVar(&cfg.helloTimeout, "hello-timeout", 10*time.Second, "max `time` to receive a whole ClientHello")
+	fs.DurationVar(&cfg.drainTimeout, "drain-timeout", 180*time.Second, "max `time` to wait for in-flight connections at stop")
+	fs.DurationVar(&cfg.dialTimeout, "dial-timeout", 5*time.Second, "max `time` to connect to a backend")
+	fs.StringVar(&cfg.pidfile, "pidfile", pidDefault, "pid file `path` (env ACME_ALPN_PROXY_PIDFILE)")
+	fs.StringVar(&cfg.logPath, "log", "", "log file `path` (\"-\" = stderr; default stderr on a terminal,\n"+
+		"else /var/log/acme-alpn-proxy.log)")
+	fs.StringVar(&cfg.backend, "backend", "auto", "netfilter backend: auto, nft or iptables")
+	fs.StringVar(&cfg.mode, "mode", "auto", "interception: auto (tproxy where the kernel has it), tproxy or redirect")
+	fs.BoolVar(&cfg.noRedirect, "no-redirect", false, "listen, sniff and relay only: install no rule, need no privileges")
+	fs.BoolVar(&cfg.skipPreflight, "skip-preflight", false, "do not check that the web server listens before intercepting")
+	fs.BoolVar(&cfg.daemon, "d", false, "with start: run in the background, return once ready")
+
+	if err = fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			usage(stderr, fs)
+		}
+		return cfg, "", nil, err
+	}
+	if fs.NArg() == 0 {
+		usage(stderr, fs)
+		return cfg, "", nil, errors.New("missing command: start, stop, status or run")
+	}
+	cmd = fs.Arg(0)
+	switch cmd {
+	case "start", "stop", "status", "run":
+	default:
+		return cfg, "", nil, fmt.Errorf("unknown command %q (want start, stop, status or run)", cmd)
+	}
+	if err = fs.Parse(fs.Args()[1:]); err != nil {
+		return cfg, "", nil, err
+	}
+	rest = fs.Args()
+	if cmd == "run" && len(rest) == 0 {
+		return cfg, "", nil, errors.New("run needs a command: run -- COMMAND [ARGS...]")
+	}
+	if cmd != "run" && len(rest) > 0 {
+		return cfg, "", nil, fmt.Errorf("unexpected arguments after %s: %q", cmd, rest)
+	}
+	if cfg.daemon && cmd != "start" {
+		return cfg, "", nil, errors.New("-d goes with start")
+	}
+
+	if *port == 0 || *port > 65535 {
+		return cfg, "", nil, fmt.Errorf("-port %d: want 1-65535", *port)
+	}
+	cfg.port = uint16(*port)
+	if cfg.listenPort, err = listenPort(cfg.listen); err != nil {
+		return cfg, "", nil, err
+	}
+	if cfg.listenPort == cfg.port {
+		return cfg, "", nil, fmt.Errorf("-listen port %d equals -port: the proxy would intercept itself", cfg.port)
+	}
+	if err = checkHostPort("-alpn", cfg.alpn); err != nil {
+		return cfg, "", nil, err
+	}
+	if cfg.fallback != "" {
+		if err = checkHostPort("-fallback", cfg.fallback); err != nil {
+			return cfg, "", nil, err
+		}
+	}
+	for name, d := range map[string]time.Duration{"-hello-timeout": cfg.helloTimeout, "-drain-timeout": cfg.drainTimeout, "-dial-timeout": cfg.dialTimeout} {
+		if d <= 0 {
+			return cfg, "", nil, fmt.Errorf("%s %v: want a positive duration", name, d)
+		}
+	}
+	switch cfg.backend {
+	case "auto", "nft", "iptables":
+	default:
+		return cfg, "", nil, fmt.Errorf("-backend %q: want auto, nft or iptables", cfg.backend)
+	}
+	switch cfg.mode {
+	case "auto", "tproxy", "redirect":
+	default:
+		return cfg, "", nil, fmt.Errorf("-mode %q: want auto, tproxy or redirect", cfg.mode)
+	}
+	cfg.disableV6 = envYes(os.Getenv("ACME_ALPN_PROXY_DISABLEV6"))
+	cfg.ruleSpec = strings.TrimSpace(os.Getenv("ACME_ALPN_PROXY_RULESPEC"))
+	if cfg.ruleSpec != "" {
+		if cfg.backend == "nft" {
+			return cfg, "", nil, errors.New("ACME_ALPN_PROXY_RULESPEC is iptables rule text: it cannot be used with -backend nft (unset it, or use -backend iptables)")
+		}
+		if cfg.mode == "tproxy" {
+			return cfg, "", nil, errors.New("ACME_ALPN_PROXY_RULESPEC replaces the NAT redirect rule: it cannot be used with -mode tproxy")
+		}
+	}
+	return cfg, cmd, rest, nil
+}
+
+func envYes(v string) bool {
+	switch strings.ToLower(strings.TrimSpace(v)) {
+	case "y", "yes", "1", "true", "on":
+		return true
+	}
+	return false
+}
+
+func listenPort(listen string) (uint16, error) {
+	_, p, err := net.SplitHostPort(listen)
+	if err != nil {
+		return 0, fmt.Errorf("-listen %q: %v (want host:port, e.g. :21443)", listen, err)
+	}
+	n, err := strconv.ParseUint(p, 10, 16)
+	if err != nil || n == 0 {
+		return 0, fmt.Errorf("-listen %q: port must be 1-65535", listen)
+	}
+	return uint16(n), nil
+}
+
+func checkHostPort(flagName, v string) error {
+	h, p, err := net.SplitHostPort(v)
+	if err != nil {
+		return fmt.Errorf("%s %q: %v (want host:port)", flagName, v, err)
+	}
+	if h == "" {
+		return fmt.Errorf("%s %q: host is empty (want e.g. 127.0.0.1:%s)", flagName, v, p)
+	}
+	if n, err := strconv.ParseUint(p, 10, 16); err != nil || n == 0 {
+		return fmt.Errorf("%s %q: port must be 1-65535", flagName, v)
+	}
+	return nil
+}

@@ -1,0 +1,218 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/acme-alpn-proxy/acme-alpn-proxy/pkg/relay"
+	"github.com/acme-alpn-proxy/acme-alpn-proxy/pkg/sniff"
+)
+
+// proxy accepts intercepted connections and routes each by its ClientHello.
+type proxy struct {
+	log          *slog.Logger
+	alpn         string // ACME responder
+	fallback     string // web server; "" = original destination
+	port         uint16 // the web server's port, for the original destination
+	listenPort   uint16
+	helloTimeout time.Duration
+	dialer       net.Dialer
+
+	mu     sync.Mutex
+	conns  map[*net.TCPConn]struct{} // in flight, for the forced end of a drain
+	closed bool
+	wg     sync.WaitGroup
+}
+
+// serve accepts on ln until it is closed. Accept errors such as EMFILE back
+// off and retry: running out of descriptors must degrade service, not end it.
+func (p *proxy) serve(ln *net.TCPListener) {
+	var backoff time.Duration
+	for {
+		c, err := ln.AcceptTCP()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			if backoff == 0 {
+				backoff = 5 * time.Millisecond
+				p.log.Warn("accept failed; backing off", "listener", ln.Addr().String(), "err", err)
+			} else if backoff *= 2; backoff > time.Second {
+				backoff = time.Second
+			}
+			time.Sleep(backoff)
+			continue
+		}
+		if backoff != 0 {
+			p.log.Info("accepting again", "listener", ln.Addr().String())
+			backoff = 0
+		}
+		if !p.track(c) {
+			c.Close()
+			continue
+		}
+		go p.handle(c)
+	}
+}
+
+func (p *proxy) track(c *net.TCPConn) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return false
+	}
+	if p.conns == nil {
+		p.conns = make(map[*net.TCPConn]struct{})
+	}
+	p.conns[c] = struct{}{}
+	p.wg.Add(1)
+	return true
+}
+
+func (p *proxy) untrack(c *net.TCPConn) {
+	p.mu.Lock()
+	delete(p.conns, c)
+	p.mu.Unlock()
+	p.wg.Done()
+}
+
+// inFlight counts connections being handled.
+func (p *proxy) inFlight() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.conns)
+}
+
+// drain waits for in-flight connections until ctx ends, then closes the
+// rest. It returns how many were cut off.
+func (p *proxy) drain(ctx context.Context) int {
+	done := make(chan struct{})
+	go func() { p.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		return 0
+	case <-ctx.Done():
+	}
+	p.mu.Lock()
+	p.closed = true
+	n := len(p.conns)
+	for c := range p.conns {
+		c.Close()
+	}
+	p.mu.Unlock()
+	<-done
+	return n
+}
+
+// handle serves one connection: read the ClientHello, pick the backend,
+// send it the hello bytes, then relay until both directions end.
+func (p *proxy) handle(c *net.TCPConn) {
+	defer p.untrack(c)
+	start := time.Now()
+
+	c.SetReadDeadline(start.Add(p.helloTimeout))
+	hello, err := sniff.Read(c)
+	// What the log line needs is copied out so the hello's buffer goes back
+	// to the pool before the (possibly long, idle) relay.
+	line := connLine{start: start, client: c.RemoteAddr().String(), sni: hello.ServerName,
+		alpn: strings.Join(hello.ALPN, ","), hello: hello.Kind, route: "none"}
+	defer func() { line.log(p.log) }()
+
+	// A client that half-closed mid-hello still gets the web server's
+	// answer, as it would have without us; a stalled or reset one is cut.
+	if err != nil && !(errors.Is(err, io.ErrUnexpectedEOF) && len(hello.Raw) > 0) {
+		c.Close()
+		line.res = relay.Result{Up: int64(len(hello.Raw)), End: helloEnd(err), Err: err}
+		hello.Release()
+		return
+	}
+
+	line.route, line.backend = "fallback", p.fallback
+	if hello.Kind == sniff.Complete && hello.OffersACME() {
+		line.route, line.backend = "acme", p.alpn
+	} else if line.backend == "" {
+		line.backend = p.originalDst(c).String()
+	}
+	bc, err := p.dialer.Dial("tcp", line.backend)
+	if err == nil {
+		_, err = bc.Write(hello.Raw)
+	}
+	sent := int64(len(hello.Raw))
+	hello.Release()
+	if err != nil {
+		c.Close()
+		if bc != nil {
+			bc.Close()
+		}
+		line.res = relay.Result{End: relay.EndDialFailed, Err: err}
+		return
+	}
+	line.res = relay.Relay(context.Background(), c, bc.(*net.TCPConn), nil)
+	line.res.Up += sent
+}
+
+// connLine is the one log line of a connection.
+type connLine struct {
+	start                             time.Time
+	client, sni, alpn, route, backend string
+	hello                             sniff.Kind
+	res                               relay.Result
+}
+
+func (l *connLine) log(log *slog.Logger) {
+	level := slog.LevelInfo
+	if l.res.End == relay.EndDialFailed {
+		level = slog.LevelWarn
+	}
+	attrs := make([]slog.Attr, 0, 12)
+	attrs = append(attrs,
+		slog.String("client", l.client),
+		slog.String("sni", l.sni),
+		slog.String("alpn", l.alpn),
+		slog.String("route", l.route),
+		slog.String("backend", l.backend),
+		slog.Int64("up", l.res.Up),
+		slog.Int64("down", l.res.Down),
+		slog.Duration("dur", time.Since(l.start)),
+		slog.String("end", l.res.End))
+	if l.hello != sniff.Complete {
+		attrs = append(attrs, slog.String("hello", l.hello.String()))
+	}
+	if l.res.Err != nil {
+		attrs = append(attrs, slog.String("err", l.res.Err.Error()))
+	}
+	log.LogAttrs(context.Background(), level, "conn", attrs...)
+}
+
+// originalDst is where the client meant to connect, on the web server's
+// port. TPROXY keeps it as the socket's local address; after a NAT redirect
+// conntrack has it (SO_ORIGINAL_DST). A connection made straight to the
+// listener (local diagnostics) has neither: the local address is used.
+func (p *proxy) originalDst(c *net.TCPConn) netip.AddrPort {
+	local := c.LocalAddr().(*net.TCPAddr).AddrPort()
+	addr := local.Addr()
+	if local.Port() == p.listenPort {
+		if dst, err := relay.OriginalDst(c); err == nil && dst.Port() != p.listenPort {
+			addr = dst.Addr()
+		}
+	}
+	return netip.AddrPortFrom(addr.Unmap(), p.port)
+}
+
+func helloEnd(err error) string {
+	var ne net.Error
+	switch {
+	case errors.As(err, &ne) && ne.Timeout():
+		return "hello timeout"
+	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
+		return "client closed before hello"
+	}
+	return "client error before hello"
+}

@@ -1,0 +1,81 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"os/signal"
+	"syscall"
+)
+
+// runWrapped starts the proxy, runs the command with inherited stdio while
+// the interception is live, then stops with a drain and exits with the
+// command's status. SIGINT and SIGTERM go to the command; whatever happens
+// the interception is removed before we exit.
+func runWrapped(cfg config, argv []string, stderr io.Writer) int {
+	lock, err := lockPidfile(cfg.pidfile)
+	if err != nil {
+		fmt.Fprintf(stderr, "acme-alpn-proxy: %v (run needs the proxy to itself: stop the other instance first)\n", err)
+		return exitFailure
+	}
+	log, logFile, err := openLog(cfg, stderr, false)
+	if err != nil {
+		lock.release()
+		fmt.Fprintf(stderr, "acme-alpn-proxy: %v\n", err)
+		return exitFailure
+	}
+	defer logFile.Close()
+
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	defer signal.Stop(sigs)
+
+	in, err := startInstance(cfg, log, lock)
+	if err != nil {
+		log.Error("start failed", "err", err)
+		fmt.Fprintf(stderr, "acme-alpn-proxy: %v\n", err)
+		return exitFailure
+	}
+
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
+	code := exitFailure
+	if err := cmd.Start(); err != nil {
+		log.Error("command did not start", "err", err)
+		fmt.Fprintf(stderr, "acme-alpn-proxy: run: %v\n", err)
+	} else {
+		log.Info("running command", "argv", fmt.Sprint(argv), "pid", cmd.Process.Pid)
+		done := make(chan error, 1)
+		go func() { done <- cmd.Wait() }()
+	wait:
+		for {
+			select {
+			case sig := <-sigs:
+				cmd.Process.Signal(sig)
+			case err := <-done:
+				code = exitCode(err)
+				break wait
+			}
+		}
+		log.Info("command exited", "code", code)
+	}
+	in.shutdown(sigs)
+	return code
+}
+
+// exitCode maps a command's end to a shell-style exit status.
+func exitCode(err error) int {
+	if err == nil {
+		return 0
+	}
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+			return 128 + int(ws.Signal())
+		}
+		return ee.ExitCode()
+	}
+	return exitFailure
+}

@@ -1,0 +1,197 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/acme-alpn-proxy/acme-alpn-proxy/pkg/intercept"
+	"github.com/acme-alpn-proxy/acme-alpn-proxy/pkg/nft"
+)
+
+// instance is a started proxy: listeners serving, interception installed.
+type instance struct {
+	cfg         config
+	log         *slog.Logger
+	lock        *pidLock
+	ls          *listenSet
+	p           *proxy
+	ic          interceptor // nil with -no-redirect
+	backendName string
+	rs          intercept.RuleSet
+}
+
+// startForeground runs the proxy until SIGINT or SIGTERM.
+func startForeground(cfg config, stdout, stderr io.Writer) int {
+	ready := readyPipeFromEnv()
+	lock, err := lockPidfile(cfg.pidfile)
+	var running *errRunning
+	if errors.As(err, &running) {
+		fmt.Fprintf(stdout, "%v; nothing to do\n", err)
+		ready.reportRunning(err)
+		return exitOK
+	}
+	if err != nil {
+		ready.report(err)
+		fmt.Fprintf(stderr, "acme-alpn-proxy: %v\n", err)
+		return exitFailure
+	}
+	log, logFile, err := openLog(cfg, stderr, false)
+	if err != nil {
+		lock.release()
+		ready.report(err)
+		fmt.Fprintf(stderr, "acme-alpn-proxy: %v\n", err)
+		return exitFailure
+	}
+	defer logFile.Close()
+
+	// Signals are caught from here on, so a SIGTERM during start-up still
+	// removes whatever was installed.
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	defer signal.Stop(sigs)
+
+	in, err := startInstance(cfg, log, lock)
+	if err != nil {
+		log.Error("start failed", "err", err)
+		ready.report(err)
+		fmt.Fprintf(stderr, "acme-alpn-proxy: %v\n", err)
+		return exitFailure
+	}
+	ready.report(nil)
+	if cfg.logPath == "" && !isTerminal(os.Stderr) {
+		detachStdio()
+	}
+	sig := <-sigs
+	log.Info("stopping", "signal", sig.String())
+	in.shutdown(sigs)
+	return exitOK
+}
+
+// startInstance listens, checks the web server is there, installs the
+// interception and records the instance in the pid file. On error nothing
+// stays installed and the lock is released.
+func startInstance(cfg config, log *slog.Logger, lock *pidLock) (in *instance, err error) {
+	in = &instance{cfg: cfg, log: log, lock: lock, backendName: "none"}
+	defer func() {
+		if err != nil {
+			in.teardown()
+			in = nil
+		}
+	}()
+	host, _, _ := net.SplitHostPort(cfg.listen)
+	if !cfg.noRedirect && host != "" && !net.ParseIP(host).IsUnspecified() {
+		return in, fmt.Errorf("-listen %s: intercepted connections arrive on a wildcard address; use -listen :%d (or -no-redirect to listen on a specific address)", cfg.listen, cfg.listenPort)
+	}
+	transparent := !cfg.noRedirect && cfg.mode != "redirect" && cfg.ruleSpec == ""
+	in.ls, err = listenAll(context.Background(), cfg.listen, transparent, !cfg.disableV6)
+	if err != nil {
+		return in, err
+	}
+	in.p = &proxy{
+		log: log, alpn: cfg.alpn, fallback: cfg.fallback, port: cfg.port, listenPort: cfg.listenPort,
+		helloTimeout: cfg.helloTimeout, dialer: net.Dialer{Timeout: cfg.dialTimeout},
+	}
+	// Serve before intercepting: no intercepted connection may find the
+	// listener not yet accepting.
+	for _, ln := range in.ls.lns {
+		go in.p.serve(ln)
+	}
+	log.Info("listening", "addr", in.ls.String(), "alpn", cfg.alpn, "fallback", fallbackName(cfg))
+
+	if cfg.noRedirect {
+		return in, in.lock.write(instanceState{pid: os.Getpid(), backend: "none", mode: "none"})
+	}
+	families := in.ls.families
+	if len(families) == 0 {
+		return in, errors.New("no wildcard listener to intercept to")
+	}
+	if !cfg.skipPreflight {
+		if err := preflight(cfg, families); err != nil {
+			return in, err
+		}
+	}
+	in.ic, in.backendName, err = chooseBackend(cfg, log)
+	if err != nil {
+		return in, err
+	}
+	if in.rs, err = install(in.ic, cfg, families, log); err != nil {
+		return in, err
+	}
+	if err := in.lock.write(instanceState{pid: os.Getpid(), backend: in.backendName, mode: string(in.rs.Mode)}); err != nil {
+		return in, fmt.Errorf("pid file: %w", err)
+	}
+	log.Info("ready", "backend", in.backendName, "mode", in.rs.Mode, "port", cfg.port, "listen", in.ls.String(), "families", fmt.Sprint(families))
+	return in, nil
+}
+
+func fallbackName(cfg config) string {
+	if cfg.fallback != "" {
+		return cfg.fallback
+	}
+	return fmt.Sprintf("original destination, port %d", cfg.port)
+}
+
+// shutdown removes the interception first, so new connections go straight
+// to the web server, then stops accepting, drains in-flight connections
+// (until -drain-timeout, or a second signal on force), and removes the rest.
+func (in *instance) shutdown(force <-chan os.Signal) {
+	if in.ic != nil {
+		if err := in.ic.RemoveIntercept(); err != nil {
+			in.log.Error("removing interception failed; removing all rules", "err", err)
+			in.ic.Remove()
+		} else {
+			in.log.Info("interception removed; new connections go to the web server")
+		}
+	}
+	in.ls.Close()
+	n := in.p.inFlight()
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), in.cfg.drainTimeout)
+	defer cancel()
+	go func() {
+		select {
+		case sig := <-force:
+			in.log.Warn("second signal: closing in-flight connections now", "signal", sig.String())
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	if n > 0 {
+		in.log.Info("draining", "in_flight", n, "timeout", in.cfg.drainTimeout)
+	}
+	cut := in.p.drain(ctx)
+	in.log.Info("drained", "in_flight_at_stop", n, "cut_off", cut, "took", time.Since(start).Round(time.Millisecond))
+	in.teardown()
+	in.log.Info("stopped")
+}
+
+// teardown removes our rules and conntrack state and releases the lock.
+func (in *instance) teardown() {
+	if in.ls != nil {
+		in.ls.Close()
+	}
+	if in.ic != nil {
+		if err := in.ic.Remove(); err != nil {
+			in.log.Error("removing rules failed", "err", err)
+		}
+		in.ic.Close()
+		if in.rs.Mode == intercept.Redirect {
+			// Entries of redirected connections outlive us; a new connection
+			// reusing a 4-tuple would be sent to a listener that is gone.
+			if n, err := nft.DeleteConntrack(in.cfg.listenPort); err != nil {
+				in.log.Warn("deleting conntrack entries failed", "err", err)
+			} else if n > 0 {
+				in.log.Info("deleted conntrack entries of redirected connections", "count", n)
+			}
+		}
+	}
+	in.lock.release()
+}
