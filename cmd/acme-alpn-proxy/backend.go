@@ -88,7 +88,14 @@ func install(ic interceptor, cfg config, families []intercept.Family, log *slog.
 					why = fmt.Sprintf("redirect: tproxy unavailable (%v)", lastErr)
 				}
 			}
-			log.Info("interception installed", "mode", mode, "why", why, "rules", rs.String())
+			log.Info("interception installed", "mode", mode, "why", why)
+			for _, t := range rs.Tables {
+				for _, c := range t.Chains {
+					for _, r := range c.Rules {
+						log.Info("rule", "table", t.Family.String()+" "+t.Name, "chain", c.Name, "rule", r.String())
+					}
+				}
+			}
 			return rs, nil
 		}
 		lastErr = err
