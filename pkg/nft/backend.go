@@ -122,7 +122,7 @@ func (b *Backend) Install(rs intercept.RuleSet) error {
 }
 
 func (b *Backend) install(rs intercept.RuleSet, owner bool) ([]ruleRef, error) {
-	bt, err := installBatch(rs, owner)
+	bt, err := installBatch(rs, owner, b.installed...)
 	if err != nil {
 		return nil, err
 	}

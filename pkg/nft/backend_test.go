@@ -525,6 +525,19 @@ func TestRemoveIntercept(t *testing.T) {
 	}
 }
 
+func TestReinstallDropsFamilyNoLongerWanted(t *testing.T) {
+	k := &fakeKernel{t: t}
+	b := newBackend(k.conn(), Options{})
+	if err := b.Install(ruleSet(t, intercept.TProxy, intercept.IPv4, intercept.IPv6)); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Install(ruleSet(t, intercept.TProxy, intercept.IPv4)); err != nil {
+		t.Fatal(err)
+	}
+	want := append(wantTProxy(t, 2), tableMsgs(t, false)[:2]...)
+	checkMsgs(t, k.inner(1), append(repeat(2, 6), 10, 10), want)
+}
+
 func TestRemove(t *testing.T) {
 	k := &fakeKernel{t: t}
 	b := newBackend(k.conn(), Options{})

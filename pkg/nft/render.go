@@ -153,8 +153,9 @@ func (b *batch) replaceTable(f intercept.Family) error {
 
 // installBatch renders rs as one transaction: each table is replaced, so a
 // second Install swaps the rules atomically and a stale plain table left by
-// a crashed run (which cannot become an owner table) goes away.
-func installBatch(rs intercept.RuleSet, owner bool) (*batch, error) {
+// a crashed run (which cannot become an owner table) goes away. Tables of
+// the families in drop (installed before, not in rs) are deleted.
+func installBatch(rs intercept.RuleSet, owner bool, drop ...intercept.Family) (*batch, error) {
 	if len(rs.Tables) == 0 {
 		return nil, fmt.Errorf("nftables: rule set has no table")
 	}
@@ -191,6 +192,13 @@ func installBatch(rs intercept.RuleSet, owner bool) (*batch, error) {
 				if err := b.addRule(t, c, r); err != nil {
 					return nil, err
 				}
+			}
+		}
+	}
+	for _, f := range drop {
+		if !seen[f] {
+			if err := b.replaceTable(f); err != nil {
+				return nil, err
 			}
 		}
 	}
