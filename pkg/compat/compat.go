@@ -251,6 +251,7 @@ const maxDeletes = 64
 func (b *Backend) removeOurs(f intercept.Family, only *intercept.Role) error {
 	bin := b.bins.forFamily(f)
 	wanted := func(r ownRule) bool { return only == nil || r.Role == *only }
+	deleted := 0
 	for _, loc := range ourLocations {
 		rules, err := b.list(f, loc)
 		if err != nil {
@@ -264,6 +265,7 @@ func (b *Backend) removeOurs(f intercept.Family, only *intercept.Role) error {
 			if _, cerr := b.exec(r.deleteArgv(bin)); cerr != nil && !absent(cerr) {
 				return cerr
 			}
+			deleted++
 			b.logf("compat: removed %s -t %s %s", bin, loc.Table, r.Line)
 		}
 	}
@@ -282,6 +284,9 @@ func (b *Backend) removeOurs(f intercept.Family, only *intercept.Role) error {
 			}
 			b.logf("compat: %s", strings.Join(del, " "))
 		}
+	}
+	if deleted == 0 {
+		return nil
 	}
 	// A line that -S prints but -D does not accept back would otherwise be
 	// reported as deleted; check instead of trusting.

@@ -8,7 +8,7 @@ import (
 	"github.com/acme-alpn-proxy/acme-alpn-proxy/pkg/intercept"
 )
 
-func mustBuild(t *testing.T, mode intercept.Mode, port, listen uint16, fams ...intercept.Family) intercept.RuleSet {
+func mustBuild(t testing.TB, mode intercept.Mode, port, listen uint16, fams ...intercept.Family) intercept.RuleSet {
 	t.Helper()
 	rs, err := intercept.Build(intercept.Config{Mode: mode, Port: port, ListenPort: listen, Families: fams})
 	if err != nil {

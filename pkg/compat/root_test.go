@@ -25,7 +25,7 @@ import (
 
 // requireRoot skips tests that need root, `ip` and the iptables binaries,
 // or fails them under CI=true, where skipping would hide a broken setup.
-func requireRoot(t *testing.T, binaries ...string) {
+func requireRoot(t testing.TB, binaries ...string) {
 	t.Helper()
 	miss := func(format string, args ...any) {
 		t.Helper()
@@ -59,7 +59,7 @@ type netns struct {
 	fd   int
 }
 
-func newNetns(t *testing.T) *netns {
+func newNetns(t testing.TB) *netns {
 	t.Helper()
 	b := make([]byte, 4)
 	if _, err := rand.Read(b); err != nil {
@@ -82,7 +82,7 @@ func newNetns(t *testing.T) *netns {
 	return ns
 }
 
-func mustRun(t *testing.T, argv ...string) string {
+func mustRun(t testing.TB, argv ...string) string {
 	t.Helper()
 	out, err := exec.Command(argv[0], argv[1:]...).CombinedOutput()
 	if err != nil {
@@ -91,7 +91,7 @@ func mustRun(t *testing.T, argv ...string) string {
 	return string(out)
 }
 
-func (n *netns) run(t *testing.T, argv ...string) string {
+func (n *netns) run(t testing.TB, argv ...string) string {
 	t.Helper()
 	return mustRun(t, append([]string{"ip", "netns", "exec", n.name}, argv...)...)
 }
@@ -126,7 +126,7 @@ func (n *netns) do(fn func() error) error {
 	return <-errc
 }
 
-func (n *netns) backend(t *testing.T, v variant, spec string) *Backend {
+func (n *netns) backend(t testing.TB, v variant, spec string) *Backend {
 	t.Helper()
 	b, err := New(Options{
 		Runner:   ExecRunner{Prefix: []string{"ip", "netns", "exec", n.name}},
@@ -480,4 +480,27 @@ func echo(rw *bufio.ReadWriter, msg string) string {
 		return "read: " + err.Error()
 	}
 	return strings.TrimSpace(line)
+}
+
+// BenchmarkRootInstallRemove measures one Install plus one Remove of the
+// redirect rule set for both families: what start and stop cost in
+// iptables invocations.
+func BenchmarkRootInstallRemove(b *testing.B) {
+	for _, v := range variants {
+		b.Run(v.name, func(b *testing.B) {
+			requireRoot(b, v.v4, v.v6)
+			ns := newNetns(b)
+			be := ns.backend(b, v, "")
+			be.logf = func(string, ...any) {}
+			rs := mustBuild(b, intercept.Redirect, 443, 21443, intercept.IPv4, intercept.IPv6)
+			for b.Loop() {
+				if err := be.Install(rs); err != nil {
+					b.Fatal(err)
+				}
+				if err := be.Remove(); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
 }
