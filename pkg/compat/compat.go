@@ -201,7 +201,7 @@ func (b *Backend) Install(rs intercept.RuleSet) error {
 func (b *Backend) rollback(done []step) error {
 	var errs []error
 	for i := len(done) - 1; i >= 0; i-- {
-		if _, cerr := b.exec(done[i].Delete); cerr != nil && !absent(cerr) {
+		if _, cerr := b.exec(done[i].Delete); cerr != nil && !absent(cerr) && !unavailable(cerr) {
 			errs = append(errs, cerr)
 		}
 	}
@@ -276,7 +276,7 @@ func (b *Backend) removeOurs(f intercept.Family, only *intercept.Role) error {
 				return fmt.Errorf("compat: %s: more than %d copies of the ACME_ALPN_PROXY_RULESPEC rule", bin, maxDeletes)
 			}
 			_, cerr := b.exec(del)
-			if cerr != nil && absent(cerr) {
+			if cerr != nil && (absent(cerr) || unavailable(cerr)) {
 				break
 			}
 			if cerr != nil {

@@ -236,6 +236,12 @@ func TestMissingBinaryIsNamed(t *testing.T) {
 }
 
 func TestUnavailableIPv6TableCountsAsClean(t *testing.T) {
+	for _, spec := range []string{"", "-p tcp --dport 443 -j REDIRECT --to-ports 21443"} {
+		testUnavailableIPv6(t, spec)
+	}
+}
+
+func testUnavailableIPv6(t *testing.T, spec string) {
 	fake := newFake()
 	fake.seed("iptables", "nat", "-A PREROUTING -p tcp --dport 443 -m comment --comment acme-alpn-proxy -j REDIRECT --to-ports 21443")
 	fake.fail = func(argv []string) (string, int, bool) {
@@ -244,12 +250,12 @@ func TestUnavailableIPv6TableCountsAsClean(t *testing.T) {
 		}
 		return "", 0, false
 	}
-	b := newTestBackend(t, fake, "")
+	b := newTestBackend(t, fake, spec)
 	if err := b.Install(mustBuild(t, intercept.Redirect, 443, 21443, intercept.IPv4)); err != nil {
 		t.Fatalf("IPv4-only install on a host without IPv6: %v", err)
 	}
 	if err := b.Remove(); err != nil {
-		t.Fatalf("Remove on a host without IPv6: %v", err)
+		t.Fatalf("Remove on a host without IPv6 (rule spec %q): %v", spec, err)
 	}
 	if n := fake.ours(); n != 0 {
 		t.Errorf("%d rules of ours left", n)
