@@ -74,7 +74,7 @@ func install(ic interceptor, cfg config, families []intercept.Family, log *slog.
 		if err != nil {
 			return rs, err
 		}
-		if b, ok := ic.(*compat.Backend); ok && mode == intercept.TProxy && !b.TProxySupported() {
+		if b, ok := ic.(*compat.Backend); ok && mode == intercept.TProxy && !b.TProxySupported(families...) {
 			lastErr = errors.New("iptables has no TPROXY target (modprobe xt_TPROXY, or use -mode redirect)")
 			log.Info("tproxy unavailable; trying redirect", "why", lastErr)
 			continue
