@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"log/slog"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/acme-alpn-proxy/acme-alpn-proxy/pkg/compat"
 	"github.com/acme-alpn-proxy/acme-alpn-proxy/pkg/intercept"
 	"github.com/acme-alpn-proxy/acme-alpn-proxy/pkg/nft"
@@ -34,6 +36,9 @@ func chooseBackend(cfg config, log *slog.Logger) (interceptor, string, error) {
 			name, why = "iptables", "ACME_ALPN_PROXY_RULESPEC is set"
 		case err == nil:
 			name, why = "nft", "nf_tables answers over netlink"
+		case errors.Is(err, unix.EPERM):
+			// iptables would fail the same way; say the real cause.
+			return nil, "nft", err
 		default:
 			name, why = "iptables", fmt.Sprintf("nf_tables unusable: %v", err)
 		}

@@ -58,12 +58,15 @@ func listenAll(ctx context.Context, addr string, transparent, wantV6 bool) (*lis
 			}
 			ls.Close()
 			if errors.Is(err, unix.EPERM) && transparent {
-				return nil, fmt.Errorf("listen %s: IP_TRANSPARENT needs CAP_NET_ADMIN: %w (run as root, or use -mode redirect)", w.addr, err)
+				return nil, fmt.Errorf("listen %s: setting IP_TRANSPARENT for tproxy: %w (run as root: intercepting needs CAP_NET_ADMIN)", w.addr, err)
 			}
 			if errors.Is(err, unix.EADDRINUSE) {
 				return nil, fmt.Errorf("listen %s: address in use (another program, or another acme-alpn-proxy with a different -pidfile, has it; choose another -listen port)", w.addr)
 			}
-			return nil, fmt.Errorf("listen %s: %w", w.addr, err)
+			if errors.Is(err, unix.EADDRNOTAVAIL) {
+				return nil, fmt.Errorf("%w (the -listen address is not on this host)", err)
+			}
+			return nil, err
 		}
 		ls.lns = append(ls.lns, ln.(*net.TCPListener))
 		if host == "" || net.ParseIP(host).IsUnspecified() {
