@@ -41,14 +41,21 @@ var (
 )
 
 // TestMain builds the binary once from the repository root (the parent of
-// this directory), so every test runs exactly the code under test.
+// this directory), so every test runs exactly the code under test, unless
+// ACME_ALPN_PROXY_E2E_BIN names a binary to test instead.
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "acme-alpn-proxy-e2e-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "e2e:", err)
 		os.Exit(1)
 	}
-	proxyBin, buildErr = buildProxy(dir)
+	if bin := os.Getenv("ACME_ALPN_PROXY_E2E_BIN"); bin != "" {
+		// A prebuilt binary: CI artifacts, or mutants when checking that
+		// these tests catch a broken proxy.
+		proxyBin, buildErr = filepath.Abs(bin)
+	} else {
+		proxyBin, buildErr = buildProxy(dir)
+	}
 	code := m.Run()
 	os.RemoveAll(dir)
 	os.Exit(code)
