@@ -1,0 +1,330 @@
+package main
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"strings"
+	"time"
+)
+
+// Addresses of the namespace pair (own namespaces only: 198.18.0.0/15).
+const (
+	srvIP = "198.18.0.1"
+	cliIP = "198.18.0.2"
+)
+
+func randHex(n int) string {
+	b := make([]byte, n)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+func sh(argv ...string) (string, error) {
+	o, err := exec.Command(argv[0], argv[1:]...).CombinedOutput()
+	if err != nil {
+		return string(o), fmt.Errorf("%s: %v: %s", strings.Join(argv, " "), err, strings.TrimSpace(string(o)))
+	}
+	return string(o), nil
+}
+
+func (r *runner) newNetns(role string) (string, error) {
+	name := fmt.Sprintf("ld-%s-%s", role, randHex(3))
+	if _, err := sh("ip", "netns", "add", name); err != nil {
+		return "", err
+	}
+	r.mu.Lock()
+	r.namespaces = append(r.namespaces, name)
+	r.mu.Unlock()
+	if r.nsFile != "" {
+		if f, err := os.OpenFile(r.nsFile, os.O_APPEND|os.O_WRONLY|os.O_CREATE, 0o644); err == nil {
+			fmt.Fprintln(f, name)
+			f.Close()
+		}
+	}
+	_, err := sh("ip", "-n", name, "link", "set", "lo", "up")
+	return name, err
+}
+
+func deleteNetns(name string) {
+	if _, err := sh("ip", "netns", "del", name); err != nil {
+		logf("%v", err)
+	}
+}
+
+// pair is a server and a client namespace joined by a veth link. The
+// server runs the web server on srvIP:443, the ACME responder on
+// 127.0.0.1:31443 and the proxy; clients dial srvIP:443 as from outside.
+type pair struct{ srv, cli string }
+
+func (r *runner) newPair() (*pair, error) {
+	srv, err := r.newNetns("s")
+	if err != nil {
+		return nil, err
+	}
+	cli, err := r.newNetns("c")
+	if err != nil {
+		return nil, err
+	}
+	p := &pair{srv, cli}
+	steps := [][]string{
+		{"ip", "-n", srv, "link", "add", "ldv", "type", "veth", "peer", "name", "ldv", "netns", cli},
+		{"ip", "-n", srv, "addr", "add", srvIP + "/24", "dev", "ldv"},
+		{"ip", "-n", cli, "addr", "add", cliIP + "/24", "dev", "ldv"},
+		{"ip", "-n", srv, "link", "set", "ldv", "up"},
+		{"ip", "-n", cli, "link", "set", "ldv", "up"},
+	}
+	for _, s := range steps {
+		if _, err := sh(s...); err != nil {
+			return nil, err
+		}
+	}
+	return p, nil
+}
+
+// serverSide starts the backends in the server namespace.
+func (r *runner) serverSide(p *pair, name string) error {
+	c, err := r.procs.spawn(name, inNetns(p.srv, []string{r.self, "backend", "-web", srvIP + ":443", "-acme", "127.0.0.1:31443", "-stall", stallFor.String()}))
+	if err != nil {
+		return err
+	}
+	return c.waitOutput("ready", 10*time.Second)
+}
+
+func (r *runner) interceptingProxy(p *pair, name, mode string, extra ...string) (*proxyProc, error) {
+	flags := append([]string{"-listen", ":21443", "-backend", "nft", "-mode", mode, "-hello-timeout", "2s"}, extra...)
+	return r.startProxy(proxyOpts{name: name, ns: p.srv, flags: flags})
+}
+
+// request is one client connection's record, as netclient prints it.
+type request struct {
+	Long   bool   `json:"long,omitempty"` // opened before the kill, kept open
+	Start  int64  `json:"start"`          // unix ns
+	End    int64  `json:"end"`
+	Result string `json:"result"` // errKind, "ok" when every step worked
+	Step   string `json:"step,omitempty"`
+	Direct bool   `json:"direct"` // the web server saw the client's own address
+}
+
+// s6Kill9 kills the proxy with SIGKILL while clients keep connecting
+// through the interception; the kernel drops the owner table with the
+// process, so new connections must reach the web server at once.
+func (r *runner) s6Kill9() error {
+	for _, mode := range []string{"tproxy", "redirect"} {
+		if err := r.kill9(mode); err != nil {
+			return fmt.Errorf("%s: %w", mode, err)
+		}
+	}
+	return nil
+}
+
+func (r *runner) kill9(mode string) error {
+	sc := "6 kill -9 (" + mode + ")"
+	p, err := r.newPair()
+	if err != nil {
+		return err
+	}
+	if err := r.serverSide(p, "s6-backend-"+mode); err != nil {
+		return err
+	}
+	px, err := r.interceptingProxy(p, "s6-proxy-"+mode, mode)
+	if err != nil {
+		return err
+	}
+	rate := max(1, int(200*r.scale))
+	cl, err := r.procs.spawn("s6-clients-"+mode, inNetns(p.cli, []string{r.self, "netclient", "killload",
+		"-target", srvIP + ":443", "-rate", fmt.Sprint(rate), "-duration", "6s", "-long", fmt.Sprint(r.n(50))}))
+	if err != nil {
+		return err
+	}
+	if err := cl.waitOutput("running", 10*time.Second); err != nil {
+		return err
+	}
+	time.Sleep(3 * time.Second)
+	killedAt := time.Now()
+	if err := syscallKill(px.pid); err != nil {
+		return err
+	}
+	px.waitExit(5 * time.Second)
+	statusOut, statusErr := exec.Command("ip", "netns", "exec", p.srv, r.bin, "-pidfile", px.pidfile, "status").CombinedOutput()
+	tables, _ := sh("ip", "netns", "exec", p.srv, "nft", "list", "tables")
+	if err := cl.waitExit(30 * time.Second); err != nil {
+		return err
+	}
+	reqs, err := parseRequests(cl.stdout())
+	if err != nil {
+		return err
+	}
+	k := killedAt.UnixNano()
+	before, after, long := tally{}, tally{}, tally{}
+	var viaProxyAfter, directBefore int
+	var firstAfter *request
+	for i := range reqs {
+		q := &reqs[i]
+		switch {
+		case q.Long:
+			long[q.Result+endedNearKill(q, k)]++
+		case q.Start < k:
+			key := q.Result
+			if q.Result != "ok" {
+				key += " at " + q.Step
+				if q.End >= k {
+					key += " (in flight at kill)"
+				}
+			}
+			before[key]++
+			if q.Direct {
+				directBefore++
+			}
+		default:
+			after[q.Result]++
+			if q.Result == "ok" && !q.Direct {
+				viaProxyAfter++
+			}
+			if firstAfter == nil || q.Start < firstAfter.Start {
+				firstAfter = q
+			}
+		}
+	}
+	out.row(sc, fmt.Sprintf("requests started before the kill (%d/s; each: hello, echo, 300 ms, echo)", rate), before.String(), check(directBefore == 0))
+	out.row(sc, "long-lived connections through the proxy at the kill", long.String(), verdictInfo)
+	out.row(sc, "requests started after the kill", after.String(), check(after["ok"] > 0 && len(after) == 1))
+	out.row(sc, "of those, relayed by a proxy instead of direct", fmt.Sprint(viaProxyAfter), check(viaProxyAfter == 0))
+	if firstAfter != nil {
+		out.row(sc, "first request after the kill", fmt.Sprintf("started %s after, %s, direct=%v", ms(time.Duration(firstAfter.Start-k)), firstAfter.Result, firstAfter.Direct), check(firstAfter.Result == "ok"))
+	}
+	st := "exit 0"
+	if statusErr != nil {
+		st = errOrOK(statusErr)
+	}
+	out.row(sc, "`status` and nft tables right after the kill", fmt.Sprintf("%s: %s; tables: %s", st, oneLine(string(statusOut)), oneLine(tables)), check(!strings.Contains(tables, "acme-alpn-proxy")))
+	return nil
+}
+
+func endedNearKill(q *request, kill int64) string {
+	if q.Result == "ok" {
+		return ""
+	}
+	return fmt.Sprintf(" at %s", q.Step)
+}
+
+func oneLine(s string) string {
+	s = strings.Join(strings.Fields(s), " ")
+	if s == "" {
+		return "(none)"
+	}
+	return s
+}
+
+func parseRequests(stdout string) ([]request, error) {
+	var reqs []request
+	for line := range strings.Lines(stdout) {
+		if !strings.HasPrefix(line, "{") {
+			continue
+		}
+		var q request
+		if err := json.Unmarshal([]byte(line), &q); err != nil {
+			return nil, err
+		}
+		reqs = append(reqs, q)
+	}
+	if len(reqs) == 0 {
+		return nil, errors.New("client printed no results")
+	}
+	return reqs, nil
+}
+
+// s7StaleConntrack checks that after `stop` a client reusing its source
+// port reaches the web server, in redirect mode where conntrack entries of
+// redirected connections outlive the proxy. It runs without and with a
+// host firewall that keeps conntrack active (ct state rule).
+func (r *runner) s7StaleConntrack() error {
+	for _, fw := range []bool{false, true} {
+		p, err := r.newPair()
+		if err != nil {
+			return err
+		}
+		tag := "nofw"
+		if fw {
+			tag = "fw"
+			rules := "table inet ldfw { chain input { type filter hook input priority 0; policy accept; ct state established,related accept; } }"
+			if _, err := sh("ip", "netns", "exec", p.srv, "nft", rules); err != nil {
+				return err
+			}
+		}
+		if err := r.serverSide(p, "s7-backend-"+tag); err != nil {
+			return err
+		}
+		for i, how := range []string{"clean", "rst", "cut"} {
+			if err := r.reuseAfterStop(p, fw, how, 40000+i); err != nil {
+				return fmt.Errorf("%s/%s: %w", tag, how, err)
+			}
+		}
+	}
+	return nil
+}
+
+func (r *runner) reuseAfterStop(p *pair, fw bool, how string, port int) error {
+	sc := "7 stale conntrack (redirect)"
+	if fw {
+		sc += ", host firewall uses ct"
+	}
+	name := fmt.Sprintf("s7-%s-%v", how, fw)
+	px, err := r.interceptingProxy(p, name+"-proxy", "redirect", "-drain-timeout", "1s")
+	if err != nil {
+		return err
+	}
+	client := func(name, action string) (*child, error) {
+		return r.procs.spawn(name, inNetns(p.cli, []string{r.self, "netclient", "reuse", "-target", srvIP + ":443", "-port", fmt.Sprint(port), "-action", action}))
+	}
+	first, err := client(name+"-first", how)
+	if err != nil {
+		return err
+	}
+	if how == "cut" {
+		if err := first.waitOutput("held", 10*time.Second); err != nil {
+			return err
+		}
+	} else if err := first.waitExit(15 * time.Second); err != nil {
+		return err
+	}
+	took, stopOut, stopErr := px.stop(time.Minute)
+	if err := first.waitExit(15 * time.Second); err != nil {
+		return err
+	}
+	firstReq, err := parseRequests(first.stdout())
+	if err != nil {
+		return err
+	}
+	ct, _ := sh("ip", "netns", "exec", p.srv, "conntrack", "-L", "-p", "tcp")
+	stale := 0
+	for line := range strings.Lines(ct) {
+		if strings.Contains(line, "port=21443") {
+			stale++
+		}
+	}
+	second, err := client(name+"-second", "probe")
+	if err != nil {
+		return err
+	}
+	if err := second.waitExit(15 * time.Second); err != nil {
+		return err
+	}
+	secondReq, err := parseRequests(second.stdout())
+	if err != nil {
+		return err
+	}
+	f, s := firstReq[len(firstReq)-1], secondReq[len(secondReq)-1]
+	firstDesc := fmt.Sprintf("%s, via proxy=%v", f.Result, !f.Direct)
+	if stopErr != nil {
+		firstDesc += fmt.Sprintf("; stop failed: %v %s", stopErr, stopOut)
+	}
+	out.row(sc, fmt.Sprintf("%s: first connection from :%d (then stop took %s); conntrack entries for :21443 after stop", how, port, ms(took)),
+		fmt.Sprintf("%s; %d left", firstDesc, stale), check(!f.Direct && stopErr == nil && (f.Result == "ok" || how == "cut")))
+	out.row(sc, fmt.Sprintf("%s: same source port after stop", how), fmt.Sprintf("%s, direct to web=%v", s.Result, s.Direct), check(s.Result == "ok" && s.Direct))
+	return nil
+}

@@ -1,0 +1,149 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// userHZ is the unit of utime/stime in /proc/PID/stat (fixed at 100 for
+// user space).
+const userHZ = 100
+
+// procSample is what the kernel shows about a process from outside.
+type procSample struct {
+	rssKiB, pssKiB int64
+	fds, threads   int
+	cpuTicks       int64 // utime+stime
+}
+
+func sampleProc(pid int) (procSample, error) {
+	var s procSample
+	base := fmt.Sprintf("/proc/%d/", pid)
+	stat, err := os.ReadFile(base + "stat")
+	if err != nil {
+		return s, err
+	}
+	if s.cpuTicks, err = parseStatCPU(stat); err != nil {
+		return s, err
+	}
+	status, err := os.ReadFile(base + "status")
+	if err != nil {
+		return s, err
+	}
+	if s.rssKiB, err = kibField(status, "VmRSS:"); err != nil {
+		return s, err
+	}
+	threads, err := kibField(status, "Threads:")
+	if err != nil {
+		return s, err
+	}
+	s.threads = int(threads)
+	rollup, err := os.ReadFile(base + "smaps_rollup")
+	if err != nil {
+		return s, err
+	}
+	if s.pssKiB, err = kibField(rollup, "Pss:"); err != nil {
+		return s, err
+	}
+	fds, err := os.ReadDir(base + "fd")
+	if err != nil {
+		return s, err
+	}
+	s.fds = len(fds)
+	return s, nil
+}
+
+// parseStatCPU returns utime+stime from a /proc/PID/stat line. The command
+// name may hold spaces and parentheses, so fields count from the last ')'.
+func parseStatCPU(stat []byte) (int64, error) {
+	i := bytes.LastIndexByte(stat, ')')
+	if i < 0 {
+		return 0, fmt.Errorf("malformed stat")
+	}
+	f := strings.Fields(string(stat[i+1:]))
+	// After ')': state(3) ... utime(14) stime(15), i.e. indexes 11 and 12.
+	if len(f) < 13 {
+		return 0, fmt.Errorf("stat has %d fields after comm", len(f))
+	}
+	u, err1 := strconv.ParseInt(f[11], 10, 64)
+	s, err2 := strconv.ParseInt(f[12], 10, 64)
+	if err1 != nil || err2 != nil {
+		return 0, fmt.Errorf("stat utime/stime: %q %q", f[11], f[12])
+	}
+	return u + s, nil
+}
+
+// kibField returns the number after a "Name:" line of a /proc key-value
+// file (status, smaps_rollup); for sizes it is in KiB.
+func kibField(b []byte, name string) (int64, error) {
+	for line := range strings.Lines(string(b)) {
+		if rest, ok := strings.CutPrefix(line, name); ok {
+			f := strings.Fields(rest)
+			if len(f) == 0 {
+				break
+			}
+			return strconv.ParseInt(f[0], 10, 64)
+		}
+	}
+	return 0, fmt.Errorf("no %s field", name)
+}
+
+// cpuPercent measures a process's CPU use over d (100% = one core).
+func cpuPercent(pid int, d time.Duration) (float64, error) {
+	a, err := sampleProc(pid)
+	if err != nil {
+		return 0, err
+	}
+	start := time.Now()
+	time.Sleep(d)
+	b, err := sampleProc(pid)
+	if err != nil {
+		return 0, err
+	}
+	secs := float64(b.cpuTicks-a.cpuTicks) / userHZ
+	return 100 * secs / time.Since(start).Seconds(), nil
+}
+
+// goroutineDump is what a Go program prints on SIGQUIT: every goroutine's
+// stack. It is the only outside view of a Go process's goroutines.
+type goroutineDump struct {
+	total int
+	// byFrame counts goroutines whose stack mentions each of the watched
+	// functions (a goroutine may count under several).
+	byFrame map[string]int
+}
+
+// parseGoroutineDump counts the "goroutine N [state]:" blocks of a dump
+// and, per watched substring, how many blocks contain it.
+func parseGoroutineDump(dump string, watch ...string) goroutineDump {
+	g := goroutineDump{byFrame: map[string]int{}}
+	var block strings.Builder
+	flush := func() {
+		if block.Len() == 0 {
+			return
+		}
+		for _, w := range watch {
+			if strings.Contains(block.String(), w) {
+				g.byFrame[w]++
+			}
+		}
+		block.Reset()
+	}
+	for line := range strings.Lines(dump) {
+		if strings.HasPrefix(line, "goroutine ") && strings.Contains(line, " [") {
+			flush()
+			g.total++
+			block.WriteString(line)
+			continue
+		}
+		if g.total > 0 {
+			block.WriteString(line)
+		}
+	}
+	flush()
+	return g
+}
