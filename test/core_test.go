@@ -613,6 +613,12 @@ func TestIdempotentStartStop(t *testing.T) {
 	forEachVariant(t, func(t *testing.T, v Variant) {
 		s := NewSite(t)
 		p := s.NewProxy(t, v)
+		if r := p.RunT("stop"); r.Code != 0 {
+			t.Errorf("stop before any start: %v", r)
+		}
+		if code := p.Status(); code != 3 {
+			t.Errorf("status before any start: exit %d, want 3", code)
+		}
 		p.Start()
 		ctx := timeout(t, 15*time.Second)
 		r := p.Run(ctx, "start")

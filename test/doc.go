@@ -17,6 +17,13 @@
 //	}
 //
 // Everything a test creates (namespaces, processes, rules) is removed by
-// t.Cleanup, also when the test fails. Without root or without ip/nft the
-// tests skip, unless CI=true, where they fail.
+// t.Cleanup, also when the test fails; a failing test logs the proxy's
+// output. Without root or without ip/nft the tests skip, unless CI=true,
+// where they fail.
+//
+// The (backend, mode) matrix is the single list `variants` in
+// harness_test.go; iptables variants run the proxy with -backend iptables
+// and a PATH whose iptables/ip6tables(-save/-restore) point at the legacy
+// or nft flavour. ACME_ALPN_PROXY_E2E_BIN=path tests a prebuilt binary
+// instead of building ./cmd/acme-alpn-proxy.
 package e2e
