@@ -153,6 +153,10 @@ func (v Variant) Name() string {
 var variants = []Variant{
 	{Backend: "nft", Mode: "redirect"},
 	{Backend: "nft", Mode: "tproxy"},
+	{Backend: "iptables", Mode: "redirect", Iptables: "legacy"},
+	{Backend: "iptables", Mode: "tproxy", Iptables: "legacy"},
+	{Backend: "iptables", Mode: "redirect", Iptables: "nft"},
+	{Backend: "iptables", Mode: "tproxy", Iptables: "nft"},
 }
 
 // forEachVariant runs fn as a parallel subtest per variant. Each subtest
