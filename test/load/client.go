@@ -32,21 +32,22 @@ type session struct {
 func openSession(d *net.Dialer, addr string, hello []byte, cmd byte, timeout time.Duration) (*session, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
+	start := time.Now()
 	nc, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("dial: %w", err)
 	}
 	c := nc.(*net.TCPConn)
 	c.SetDeadline(time.Now().Add(timeout))
 	msg := append(append(make([]byte, 0, len(hello)+1), hello...), cmd)
 	if _, err := c.Write(msg); err != nil {
 		c.Close()
-		return nil, err
+		return nil, fmt.Errorf("write hello: %w", err)
 	}
 	line, err := readLine(c, 128)
 	if err != nil {
 		c.Close()
-		return nil, err
+		return nil, fmt.Errorf("read header (%v after dial): %w", time.Since(start).Round(time.Millisecond), err)
 	}
 	tag, peer, ok := strings.Cut(line, " ")
 	if !ok || len(tag) != 1 {

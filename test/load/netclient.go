@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -101,6 +102,12 @@ func killLoad(j *jsonOut, target string, rate int, dur time.Duration, long int) 
 				s.c.Close()
 			}
 			q.End, q.Result = time.Now().UnixNano(), errKind(err)
+			if err != nil {
+				q.Err = err.Error()
+			}
+			if s != nil {
+				q.Local = s.c.LocalAddr().String()
+			}
 			j.put(q)
 		}()
 	}
@@ -121,8 +128,11 @@ func reuse(j *jsonOut, target string, port int, action string) error {
 	}
 	q := request{Start: time.Now().UnixNano(), Step: "open"}
 	cmd := byte(cmdEcho)
-	if action == "clean" {
+	switch action {
+	case "clean":
 		cmd = cmdServerClose
+	case "srvrst":
+		cmd = cmdResetMid
 	}
 	s, err := openSession(d, target, webHello, cmd, 3*time.Second)
 	if err == nil {
@@ -149,6 +159,16 @@ func reuse(j *jsonOut, target string, port int, action string) error {
 				}
 			}
 			s.c.Close()
+		case "srvrst": // the web server resets; the proxy passes it on
+			q.Step = "server reset"
+			s.c.SetReadDeadline(time.Now().Add(3 * time.Second))
+			_, err = io.Copy(io.Discard, s.c)
+			if errKind(err) == "reset" {
+				err = nil // the reset is what this client wanted
+			} else if err == nil {
+				err = errors.New("closed without reset")
+			}
+			s.c.Close()
 		case "probe":
 			q.Step = "echo"
 			err = s.ping(16, 3*time.Second)
@@ -156,6 +176,9 @@ func reuse(j *jsonOut, target string, port int, action string) error {
 		}
 	}
 	q.End, q.Result = time.Now().UnixNano(), errKind(err)
+	if err != nil {
+		q.Err = err.Error()
+	}
 	if action == "cut" && q.Result == "closed" {
 		q.Result = "ok"
 	}

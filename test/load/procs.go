@@ -152,6 +152,7 @@ type proxyOpts struct {
 	name   string
 	ns     string // network namespace; "" = the runner's
 	nofile int    // ulimit -n (soft and hard) for the proxy; 0 = inherited
+	env    []string
 	flags  []string
 }
 
@@ -165,6 +166,9 @@ func (r *runner) startProxy(o proxyOpts) (*proxyProc, error) {
 	argv := append(append([]string{r.bin}, p.flags...), "start")
 	if o.nofile > 0 {
 		argv = append([]string{"bash", "-c", fmt.Sprintf(`ulimit -n %d && exec "$@"`, o.nofile), "bash"}, argv...)
+	}
+	if len(o.env) > 0 {
+		argv = append(append([]string{"env"}, o.env...), argv...)
 	}
 	argv = inNetns(o.ns, argv)
 	c, err := r.procs.spawn(o.name, argv)

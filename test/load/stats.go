@@ -84,7 +84,7 @@ func (t *table) row(scenario, metric, value, verdict string) {
 	if verdict == verdictBroken {
 		t.broken++
 	}
-	clean := func(s string) string { return strings.ReplaceAll(s, "|", "/") }
+	clean := func(s string) string { return strings.Join(strings.Fields(strings.ReplaceAll(s, "|", "/")), " ") }
 	fmt.Fprintf(os.Stdout, "| %s | %s | %s | %s |\n", clean(scenario), clean(metric), clean(value), verdict)
 }
 
