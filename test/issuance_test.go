@@ -226,7 +226,7 @@ func (p *issProc) wait(limit time.Duration) error {
 // waitListening polls a TCP connect to addr from ns until it succeeds.
 func (s *issSite) waitListening(ns *Netns, addr string, p *issProc) {
 	s.t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
+	deadline := time.Now().Add(60 * time.Second)
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		c, err := ns.DialContext(ctx, "tcp", addr)
@@ -635,7 +635,7 @@ func issRunWrapped(t *testing.T, p *Proxy, argv []string) (string, time.Duration
 	err := cmd.Run()
 	took := time.Since(began)
 	if err != nil {
-		t.Fatalf("acme-alpn-proxy run -- %s: %v (after %v)\n%s", filepath.Base(argv[0]), err, took.Round(time.Millisecond), out.String())
+		t.Fatalf("acme-alpn-proxy run -- %s: %v (after %v)\n%s", strings.Join(argv, " "), err, took.Round(time.Millisecond), out.String())
 	}
 	t.Cleanup(func() {
 		if t.Failed() {
