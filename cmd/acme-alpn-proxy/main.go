@@ -50,6 +50,7 @@ type config struct {
 	noRedirect    bool
 	skipPreflight bool
 	daemon        bool
+	cpuProfile    string
 	disableV6     bool
 	ruleSpec      string
 }
@@ -130,6 +131,7 @@ func parseArgs(args []string, stderr io.Writer) (cfg config, cmd string, rest []
 	fs.StringVar(&cfg.mode, "mode", "auto", "interception: auto (tproxy where the kernel has it), tproxy or redirect")
 	fs.BoolVar(&cfg.noRedirect, "no-redirect", false, "listen, sniff and relay only: install no rule, need no privileges")
 	fs.BoolVar(&cfg.skipPreflight, "skip-preflight", false, "do not check that the web server listens before intercepting")
+	fs.StringVar(&cfg.cpuProfile, "cpuprofile", "", "write a CPU profile (pprof) from ready until stop to `path`")
 	fs.BoolVar(&cfg.daemon, "d", false, "with start: run in the background, return once ready")
 
 	if err = fs.Parse(args); err != nil {

@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"syscall"
 	"time"
 
@@ -69,7 +70,9 @@ func startForeground(cfg config, stdout, stderr io.Writer) int {
 	if cfg.logPath == "" && !isTerminal(os.Stderr) {
 		detachStdio()
 	}
+	stopProfile := startCPUProfile(cfg.cpuProfile, log)
 	sig := <-sigs
+	stopProfile()
 	log.Info("stopping", "signal", sig.String())
 	in.shutdown(sigs)
 	return exitOK
@@ -130,6 +133,22 @@ func startInstance(cfg config, log *slog.Logger, lock *pidLock) (in *instance, e
 	}
 	log.Info("ready", "backend", in.backendName, "mode", in.rs.Mode, "port", cfg.port, "listen", in.ls.String(), "families", fmt.Sprint(families))
 	return in, nil
+}
+
+// startCPUProfile profiles the serving phase, for the benchmark scripts.
+func startCPUProfile(path string, log *slog.Logger) (stop func()) {
+	if path == "" {
+		return func() {}
+	}
+	f, err := os.Create(path)
+	if err == nil {
+		err = pprof.StartCPUProfile(f)
+	}
+	if err != nil {
+		log.Warn("cpu profile not written", "err", err)
+		return func() {}
+	}
+	return func() { pprof.StopCPUProfile(); f.Close() }
 }
 
 func fallbackName(cfg config) string {
