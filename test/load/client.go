@@ -143,7 +143,19 @@ func errKind(err error) string {
 // tally counts outcomes by errKind.
 type tally map[string]int
 
-func (t tally) add(err error) { t[errKind(err)]++ }
+// add counts err under its kind, prefixed by the step of openSession that
+// failed, if any.
+func (t tally) add(err error) {
+	k := errKind(err)
+	if err != nil {
+		for _, step := range []string{"dial", "write hello", "read header"} {
+			if strings.HasPrefix(err.Error(), step) {
+				k = step + ": " + k
+			}
+		}
+	}
+	t[k]++
+}
 
 func (t tally) String() string {
 	if len(t) == 0 {

@@ -33,13 +33,23 @@ func (r *runner) s1Hold() error {
 	var mu sync.Mutex
 	opened := tally{}
 	start := time.Now()
+	var failed atomic.Int64
 	parallel(n, 100, func(i int) {
+		if failed.Load() > int64(n/20) {
+			mu.Lock()
+			opened["skipped after too many failures"]++
+			mu.Unlock()
+			return
+		}
 		s, err := openSession(r.dialer, addr, webHello, cmdEcho, 15*time.Second)
 		if err == nil {
 			if err = s.ping(8, 15*time.Second); err != nil {
 				s.c.Close()
 				s = nil
 			}
+		}
+		if err != nil {
+			failed.Add(1)
 		}
 		sessions[i] = s
 		mu.Lock()
