@@ -163,7 +163,17 @@ var variants = []Variant{
 // builds its own namespaces, so they are independent.
 func forEachVariant(t *testing.T, fn func(t *testing.T, v Variant)) {
 	t.Helper()
+	forEachVariantWhere(t, func(Variant) bool { return true }, fn)
+}
+
+// forEachVariantWhere is forEachVariant over the variants keep accepts,
+// for behaviour that differs by mode or backend.
+func forEachVariantWhere(t *testing.T, keep func(Variant) bool, fn func(t *testing.T, v Variant)) {
+	t.Helper()
 	for _, v := range variants {
+		if !keep(v) {
+			continue
+		}
 		t.Run(v.Name(), func(t *testing.T) {
 			t.Parallel()
 			requirePrivileges(t)
@@ -348,8 +358,16 @@ type Env struct {
 // NewEnv creates the two namespaces; t.Cleanup deletes them.
 func NewEnv(t testing.TB) *Env {
 	t.Helper()
+	return NewEnvTagged(t, "e2")
+}
+
+// NewEnvTagged is NewEnv with namespace names starting with tag, so the
+// namespaces of a group of tests can be told apart (and traced) in
+// `ip netns list`.
+func NewEnvTagged(t testing.TB, tag string) *Env {
+	t.Helper()
 	requirePrivileges(t)
-	tag := "e2-" + randomTag()
+	tag += "-" + randomTag()
 	e := &Env{
 		Srv:   newNetns(t, tag+"-srv"),
 		Cli:   newNetns(t, tag+"-cli"),
@@ -685,6 +703,21 @@ func (p *Proxy) Kill9() {
 	}
 	if err := p.WaitExit(10 * time.Second); err != nil {
 		p.t.Fatal(err)
+	}
+}
+
+// Signal sends sig to the start child (by the PID we started), e.g. the
+// SIGINT of a Ctrl-C, without waiting.
+func (p *Proxy) Signal(sig syscall.Signal) {
+	p.t.Helper()
+	p.mu.Lock()
+	cmd := p.cmd
+	p.mu.Unlock()
+	if cmd == nil {
+		p.t.Fatal("Signal: no proxy child")
+	}
+	if err := cmd.Process.Signal(sig); err != nil {
+		p.t.Fatalf("kill -%d %d: %v", sig, cmd.Process.Pid, err)
 	}
 }
 

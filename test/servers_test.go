@@ -98,6 +98,14 @@ func StartEchoServer(t testing.TB, ns *Netns, name, network, addr string, cfg *t
 // no ALPN (like a web server that knows nothing of acme-tls/1).
 func StartWebServer(t testing.TB, ns *Netns) *EchoServer {
 	t.Helper()
+	return StartNamedWebServer(t, ns, "web", "tcp", ":443")
+}
+
+// StartNamedWebServer is a web server like StartWebServer that greets as
+// name and listens on addr, for a second site on the same host (e.g. the
+// target of a Docker-style DNAT).
+func StartNamedWebServer(t testing.TB, ns *Netns, name, network, addr string) *EchoServer {
+	t.Helper()
 	cert, err := testCertificate()
 	if err != nil {
 		t.Fatal(err)
@@ -112,7 +120,7 @@ func StartWebServer(t testing.TB, ns *Netns) *EchoServer {
 		}
 		return base, nil
 	}
-	return StartEchoServer(t, ns, "web", "tcp", ":443", cfg)
+	return StartEchoServer(t, ns, name, network, addr, cfg)
 }
 
 // StartACMEServer is the "acme" responder on 127.0.0.1:31443 of ns: TLS
