@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -217,5 +218,170 @@ func TestHostFirewallRedirectBlocked(t *testing.T) {
 			requireBypassed(t, s)
 			requireNoRules(t, s, v)
 		})
+	})
+}
+
+// dockerTarget is where a Docker-style DNAT sends port 443: a "docker"
+// web server that is not the host's own web server.
+type dockerTarget struct {
+	name  string
+	start func(t testing.TB, s *Site) netip.AddrPort
+}
+
+var dockerTargets = []dockerTarget{
+	// What Docker does: a container's address behind a veth, so the host
+	// forwards the DNATed connections.
+	{"container", func(t testing.TB, s *Site) netip.AddrPort {
+		ctr := newNetns(t, strings.TrimSuffix(s.Srv.Name, "srv")+"ctr")
+		s.Srv.MustExec(t, "ip", "link", "add", "e3ctr", "type", "veth", "peer", "name", "eth0", "netns", ctr.Name)
+		s.Srv.MustExec(t, "ip", "addr", "add", "198.19.0.1/24", "dev", "e3ctr")
+		s.Srv.MustExec(t, "ip", "link", "set", "e3ctr", "up")
+		ctr.MustExec(t, "ip", "addr", "add", "198.19.0.2/24", "dev", "eth0")
+		ctr.MustExec(t, "ip", "link", "set", "eth0", "up")
+		ctr.MustExec(t, "ip", "route", "add", "default", "via", "198.19.0.1")
+		s.Srv.MustExec(t, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+		StartNamedWebServer(t, ctr, "docker", "tcp4", ":443")
+		return netip.MustParseAddrPort("198.19.0.2:443")
+	}},
+	// Another port of the host itself (host networking, a second server).
+	{"local-port", func(t testing.TB, s *Site) netip.AddrPort {
+		addr := s.ServerAddr(IPv4, 8443)
+		StartNamedWebServer(t, s.Srv, "docker", "tcp4", addr.String())
+		return addr
+	}},
+}
+
+// dockerRules adds or deletes a DNAT of tcp/443 to the target the way
+// Docker publishes a port: in PREROUTING for other hosts and in OUTPUT
+// (daddr local, not loopback) for connections made on the host itself —
+// without the latter the host could not reach its own published port. IPv4
+// only, as Docker by default.
+type dockerRules struct {
+	name string
+	add  func(t testing.TB, ns *Netns, to netip.AddrPort)
+	del  func(t testing.TB, ns *Netns, to netip.AddrPort)
+}
+
+var dockerRuleForms = []dockerRules{
+	{"nft",
+		func(t testing.TB, ns *Netns, to netip.AddrPort) {
+			nftApply(t, ns, fmt.Sprintf(`table ip docker {
+	chain prerouting {
+		type nat hook prerouting priority dstnat; policy accept;
+		fib daddr type local tcp dport 443 dnat to %[1]s
+	}
+	chain output {
+		type nat hook output priority -100; policy accept;
+		ip daddr != 127.0.0.0/8 fib daddr type local tcp dport 443 dnat to %[1]s
+	}
+}
+`, to))
+		},
+		func(t testing.TB, ns *Netns, _ netip.AddrPort) {
+			ns.MustExec(t, "nft", "delete", "table", "ip", "docker")
+		},
+	},
+	{"iptables-nft",
+		func(t testing.TB, ns *Netns, to netip.AddrPort) { iptablesDocker(t, ns, "-A", to) },
+		func(t testing.TB, ns *Netns, to netip.AddrPort) { iptablesDocker(t, ns, "-D", to) },
+	},
+}
+
+func iptablesDocker(t testing.TB, ns *Netns, op string, to netip.AddrPort) {
+	t.Helper()
+	requireTools(t, "iptables-nft")
+	match := []string{"-p", "tcp", "--dport", "443", "-m", "addrtype", "--dst-type", "LOCAL", "-j", "DNAT", "--to-destination", to.String()}
+	ns.MustExec(t, "iptables-nft", append([]string{"-t", "nat", op, "PREROUTING"}, match...)...)
+	ns.MustExec(t, "iptables-nft", append([]string{"-t", "nat", op, "OUTPUT", "!", "-d", "127.0.0.0/8"}, match...)...)
+}
+
+// expectAnswer is one request and who must answer it.
+type expectAnswer struct {
+	f      Family
+	alpn   []string
+	server string
+}
+
+// requireAnswers makes the requests concurrently (a dropped connection
+// costs its timeout once, not once per request) and reports every wrong
+// or missing answer.
+func requireAnswers(t testing.TB, s *Site, when string, exps []expectAnswer) {
+	t.Helper()
+	type result struct {
+		a   Answer
+		err error
+	}
+	results := make([]chan result, len(exps))
+	for i, e := range exps {
+		results[i] = make(chan result, 1)
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+			defer cancel()
+			a, err := s.Cli.Request(ctx, s.ServerAddr(e.f, 443), e.alpn)
+			results[i] <- result{a, err}
+		}()
+	}
+	for i, e := range exps {
+		r := <-results[i]
+		switch {
+		case r.err != nil:
+			t.Errorf("%s: %v offering %q: %v (want %s)", when, e.f, e.alpn, r.err, e.server)
+		case r.a.Server != e.server:
+			t.Errorf("%s: %v offering %q: answered by %s, want %s", when, e.f, e.alpn, r.a.Server, e.server)
+		}
+	}
+}
+
+// With Docker publishing port 443 (a DNAT), acme-tls/1 must still reach
+// the ACME responder, and everything else must reach what Docker publishes,
+// as it does without the proxy — whether Docker's rules were registered
+// before the proxy started or again while it runs (Docker reloads its
+// rules; equal-priority NAT chains run last registered first,
+// NETFILTER-NOTES fact 2).
+func TestDockerDNAT(t *testing.T) {
+	keep := func(v Variant) bool { return v.Backend == "nft" || v.Iptables == "nft" }
+	forEachVariantWhere(t, keep, func(t *testing.T, v Variant) {
+		for _, target := range dockerTargets {
+			for _, form := range dockerRuleForms {
+				if v.Backend == "iptables" && form.name == "nft" {
+					// Not covered: iptables' nat PREROUTING chain has the
+					// fixed priority dstnat, so an nft-native Docker chain
+					// at dstnat registered after start runs first (fact 2)
+					// and takes acme-tls/1; only the nft backend's
+					// dstnat - 10 avoids that. Docker with iptables shares
+					// our chain, where we insert first (the other form).
+					continue
+				}
+				t.Run(target.name+"/"+form.name, func(t *testing.T) {
+					t.Parallel()
+					s := newTaggedSite(t)
+					to := target.start(t, s)
+					form.add(t, s.Srv, to)
+					viaDocker := []expectAnswer{
+						{IPv4, []string{ACMEALPN}, "docker"},
+						{IPv4, []string{"h2"}, "docker"},
+						{IPv6, []string{"h2"}, "web"}, // not published over IPv6
+					}
+					requireAnswers(t, s, "without the proxy", viaDocker)
+
+					withProxy := []expectAnswer{
+						{IPv4, []string{ACMEALPN}, "acme"},
+						{IPv4, []string{"h2"}, "docker"},
+						{IPv4, nil, "docker"},
+						{IPv6, []string{ACMEALPN}, "acme"},
+						{IPv6, []string{"h2"}, "web"},
+					}
+					p := s.NewProxy(t, v)
+					p.Start()
+					requireAnswers(t, s, "Docker's rules registered before start", withProxy)
+					form.del(t, s.Srv, to)
+					form.add(t, s.Srv, to)
+					requireAnswers(t, s, "Docker's rules registered again while running", withProxy)
+					p.Stop()
+					requireAnswers(t, s, "after stop", viaDocker)
+					requireNoRules(t, s, v)
+				})
+			}
+		}
 	})
 }
