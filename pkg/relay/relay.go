@@ -5,8 +5,10 @@
 //
 // Idle connections are cheap: a direction waits in Go's netpoller and
 // holds no splice pipe and no buffer until its source is readable, so an
-// idle proxied connection costs its two sockets and two small parked
-// goroutines. Pipes come from a small shared pool while bytes move.
+// idle proxied connection costs its two sockets and two parked goroutines
+// (the caller's and one more; about 6.4 KiB of heap and stack in all,
+// measured by BenchmarkIdle). Pipes come from a shared pool of at most 32
+// while bytes move.
 //
 // Typical use, once the ClientHello has been read from client:
 //
@@ -87,6 +89,10 @@ func Proxy(ctx context.Context, client *net.TCPConn, backend netip.AddrPort, hel
 // Relay clears any deadline left on the conns (such as the one bounding
 // the ClientHello read). To bound a relay, cancel ctx or set a deadline
 // from another goroutine after Relay started.
+//
+// A direction blocked on a peer that stopped reading does not watch its
+// source meanwhile: if that source resets, the relay ends when the
+// stalled peer reads again or goes away, as with a peer that idles.
 func Relay(ctx context.Context, client, backend *net.TCPConn, hello []byte) Result {
 	start := time.Now()
 	r := &relay{client: client, backend: backend}
