@@ -17,6 +17,7 @@ const userHZ = 100
 type procSample struct {
 	rssKiB, pssKiB int64
 	fds, threads   int
+	sockets, pipes int   // fds by kind: the relay keeps up to 32 idle pipes pooled
 	cpuTicks       int64 // utime+stime
 }
 
@@ -54,6 +55,14 @@ func sampleProc(pid int) (procSample, error) {
 		return s, err
 	}
 	s.fds = len(fds)
+	for _, fd := range fds {
+		switch target, _ := os.Readlink(base + "fd/" + fd.Name()); {
+		case strings.HasPrefix(target, "socket:"):
+			s.sockets++
+		case strings.HasPrefix(target, "pipe:"):
+			s.pipes++
+		}
+	}
 	return s, nil
 }
 
@@ -146,4 +155,51 @@ func parseGoroutineDump(dump string, watch ...string) goroutineDump {
 	}
 	flush()
 	return g
+}
+
+// fdKinds renders a sample's descriptors for a table cell.
+func (s procSample) fdKinds() string {
+	return fmt.Sprintf("%d (%d sockets, %d pipe fds)", s.fds, s.sockets, s.pipes)
+}
+
+// maxPooledPipeFds is what the relay's pipe pool may keep open while idle
+// (pkg/relay maxFreePipes = 32 pipes of 2 fds).
+const maxPooledPipeFds = 64
+
+// noLeakSince tells whether s holds no more sockets than base and no more
+// pipes than the relay's pool may keep.
+func (s procSample) noLeakSince(base procSample) bool {
+	return s.sockets <= base.sockets && s.pipes <= base.pipes+maxPooledPipeFds
+}
+
+// tcpExt reads counters of the TcpExt lines of /proc/net/netstat (of the
+// caller's network namespace).
+func tcpExt(names ...string) (map[string]int64, error) {
+	b, err := os.ReadFile("/proc/net/netstat")
+	if err != nil {
+		return nil, err
+	}
+	var keys []string
+	vals := map[string]int64{}
+	for line := range strings.Lines(string(b)) {
+		f := strings.Fields(line)
+		if len(f) == 0 || f[0] != "TcpExt:" {
+			continue
+		}
+		if keys == nil {
+			keys = f[1:]
+			continue
+		}
+		for i, v := range f[1:] {
+			if i < len(keys) {
+				n, _ := strconv.ParseInt(v, 10, 64)
+				vals[keys[i]] = n
+			}
+		}
+	}
+	out := map[string]int64{}
+	for _, n := range names {
+		out[n] = vals[n]
+	}
+	return out, nil
 }
