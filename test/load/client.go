@@ -47,7 +47,7 @@ func openSession(d *net.Dialer, addr string, hello []byte, cmd byte, timeout tim
 	line, err := readLine(c, 128)
 	if err != nil {
 		c.Close()
-		return nil, fmt.Errorf("read header (%v after dial): %w", time.Since(start).Round(time.Millisecond), err)
+		return nil, fmt.Errorf("read header (%v after dial start): %w", time.Since(start).Round(time.Millisecond), err)
 	}
 	tag, peer, ok := strings.Cut(line, " ")
 	if !ok || len(tag) != 1 {

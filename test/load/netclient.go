@@ -23,14 +23,15 @@ func netclientMain(args []string) error {
 	target := fs.String("target", srvIP+":443", "address the clients dial")
 	rate := fs.Int("rate", 200, "killload: new connections per second")
 	dur := fs.Duration("duration", 6*time.Second, "killload: how long")
-	long := fs.Int("long", 50, "killload: connections held open throughout")
+	long := fs.Int("long", 50, "killload: connections exchanging throughout")
+	waiting := fs.Int("waiting", 50, "killload: idle connections waiting for the server throughout")
 	port := fs.Int("port", 40000, "reuse: the fixed local port")
 	action := fs.String("action", "clean", "reuse: clean|rst|cut|probe")
 	fs.Parse(args[1:])
 	enc := &jsonOut{enc: json.NewEncoder(os.Stdout)}
 	switch args[0] {
 	case "killload":
-		return killLoad(enc, *target, *rate, *dur, *long)
+		return killLoad(enc, *target, *rate, *dur, *long, *waiting)
 	case "reuse":
 		return reuse(enc, *target, *port, *action)
 	}
@@ -54,10 +55,40 @@ func (s *session) direct() bool { return s.peer == s.c.LocalAddr().String() }
 
 // killLoad keeps long connections open and starts rate short requests per
 // second for dur; the runner kills the proxy in the middle.
-func killLoad(j *jsonOut, target string, rate int, dur time.Duration, long int) error {
+func killLoad(j *jsonOut, target string, rate int, dur time.Duration, long, waiting int) error {
 	d := &net.Dialer{}
 	var wg sync.WaitGroup
 	start := time.Now()
+	for range waiting {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			q := request{Long: true, Wait: true, Start: time.Now().UnixNano(), Step: "open"}
+			s, err := openSession(d, target, webHello, cmdEcho, 3*time.Second)
+			if err == nil {
+				q.Direct = s.direct()
+				q.Step = "echo"
+				if err = s.ping(16, 3*time.Second); err == nil {
+					// Like a client awaiting a slow response: it sends nothing
+					// and learns of the proxy's death only from a FIN or RST.
+					q.Step = "waiting"
+					s.c.SetReadDeadline(start.Add(dur + 2*time.Second))
+					_, err = s.c.Read(make([]byte, 1))
+					if errKind(err) == "timeout" {
+						err = nil // still open: never told
+					} else if err == nil {
+						err = errors.New("unexpected data")
+					}
+				}
+				s.c.Close()
+			}
+			q.End, q.Result = time.Now().UnixNano(), errKind(err)
+			if err != nil {
+				q.Err = err.Error()
+			}
+			j.put(q)
+		}()
+	}
 	for range long {
 		wg.Add(1)
 		go func() {

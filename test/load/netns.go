@@ -104,6 +104,7 @@ func (r *runner) interceptingProxy(p *pair, name, mode string, extra ...string) 
 // request is one client connection's record, as netclient prints it.
 type request struct {
 	Long   bool   `json:"long,omitempty"` // opened before the kill, kept open
+	Wait   bool   `json:"wait,omitempty"` // long, idle: waits for the server to speak
 	Start  int64  `json:"start"`          // unix ns
 	End    int64  `json:"end"`
 	Result string `json:"result"` // errKind, "ok" when every step worked
@@ -140,7 +141,7 @@ func (r *runner) kill9(mode string) error {
 	}
 	rate := max(1, int(200*r.scale))
 	cl, err := r.procs.spawn("s6-clients-"+mode, inNetns(p.cli, []string{r.self, "netclient", "killload",
-		"-target", srvIP + ":443", "-rate", fmt.Sprint(rate), "-duration", "6s", "-long", fmt.Sprint(r.n(50))}))
+		"-target", srvIP + ":443", "-rate", fmt.Sprint(rate), "-duration", "6s", "-long", fmt.Sprint(r.n(50)), "-waiting", fmt.Sprint(r.n(50))}))
 	if err != nil {
 		return err
 	}
@@ -153,6 +154,7 @@ func (r *runner) kill9(mode string) error {
 		return err
 	}
 	px.waitExit(5 * time.Second)
+	exitedAt := time.Now() // the owner table goes when the exiting process's netlink socket closes
 	statusOut, statusErr := exec.Command("ip", "netns", "exec", p.srv, r.bin, "-pidfile", px.pidfile, "status").CombinedOutput()
 	tables, _ := sh("ip", "netns", "exec", p.srv, "nft", "list", "tables")
 	if err := cl.waitExit(30 * time.Second); err != nil {
@@ -162,29 +164,45 @@ func (r *runner) kill9(mode string) error {
 	if err != nil {
 		return err
 	}
-	k := killedAt.UnixNano()
-	before, after, long := tally{}, tally{}, tally{}
-	var viaProxyAfter, directBefore int
+	k, x := killedAt.UnixNano(), exitedAt.UnixNano()
+	before, dying, after, long, waiting := tally{}, tally{}, tally{}, tally{}, tally{}
+	var told latencies
+	var viaProxyAfter, directBefore, hung int
 	var firstAfter *request
 	for i := range reqs {
 		q := &reqs[i]
+		key := q.Result
+		if q.Result != "ok" {
+			key += " at " + q.Step
+		}
 		switch {
+		case q.Wait:
+			if q.Result == "ok" {
+				key = "never told (still open at the end)"
+			} else if q.Step == "waiting" && q.Result != "timeout" {
+				told.add(time.Duration(q.End - k))
+			}
+			waiting[key]++
 		case q.Long:
-			long[q.Result+endedNearKill(q, k)]++
+			long[key]++
 		case q.Start < k:
-			key := q.Result
-			if q.Result != "ok" {
-				key += " at " + q.Step
-				if q.End >= k {
-					key += " (in flight at kill)"
-				}
+			if q.Result != "ok" && q.End >= k {
+				key += " (in flight at kill)"
 			}
 			before[key]++
 			if q.Direct {
 				directBefore++
 			}
+		case q.Start < x:
+			dying[key]++
+			if q.Result == "timeout" {
+				hung++
+			}
 		default:
-			after[q.Result]++
+			after[key]++
+			if q.Result == "timeout" {
+				hung++
+			}
 			if q.Result == "ok" && !q.Direct {
 				viaProxyAfter++
 			}
@@ -194,11 +212,15 @@ func (r *runner) kill9(mode string) error {
 		}
 	}
 	out.row(sc, fmt.Sprintf("requests started before the kill (%d/s; each: hello, echo, 300 ms, echo)", rate), before.String(), check(directBefore == 0))
-	out.row(sc, "long-lived connections through the proxy at the kill", long.String(), verdictInfo)
-	out.row(sc, "requests started after the kill", after.String(), check(after["ok"] > 0 && len(after) == 1))
+	out.row(sc, "long-lived connections exchanging every 100 ms at the kill", long.String(), verdictInfo)
+	toldAfter := told.snapshot()
+	out.row(sc, "idle connections waiting for the server at the kill: how they learnt (time after the kill)", fmt.Sprintf("%s; %s", waiting, dist(toldAfter)), check(len(toldAfter) == r.n(50)))
+	out.row(sc, fmt.Sprintf("requests started while the killed proxy exited (%s)", ms(exitedAt.Sub(killedAt))), dying.String(), verdictInfo)
+	out.row(sc, "requests started after it exited", after.String(), check(after["ok"] > 0 && len(after) == 1))
 	out.row(sc, "of those, relayed by a proxy instead of direct", fmt.Sprint(viaProxyAfter), check(viaProxyAfter == 0))
+	out.row(sc, "connections started at or after the kill that hung (connected, then silence until the client's 3 s timeout) instead of failing fast", fmt.Sprint(hung), check(hung == 0))
 	if firstAfter != nil {
-		out.row(sc, "first request after the kill", fmt.Sprintf("started %s after, %s, direct=%v", ms(time.Duration(firstAfter.Start-k)), firstAfter.Result, firstAfter.Direct), check(firstAfter.Result == "ok"))
+		out.row(sc, "first request after the exit", fmt.Sprintf("started %s after the kill, %s, direct=%v", ms(time.Duration(firstAfter.Start-k)), firstAfter.Result, firstAfter.Direct), check(firstAfter.Result == "ok"))
 	}
 	st := "exit 0"
 	if statusErr != nil {
@@ -206,13 +228,6 @@ func (r *runner) kill9(mode string) error {
 	}
 	out.row(sc, "`status` and nft tables right after the kill", fmt.Sprintf("%s: %s; tables: %s", st, oneLine(string(statusOut)), oneLine(tables)), check(!strings.Contains(tables, "acme-alpn-proxy")))
 	return nil
-}
-
-func endedNearKill(q *request, kill int64) string {
-	if q.Result == "ok" {
-		return ""
-	}
-	return fmt.Sprintf(" at %s", q.Step)
 }
 
 func oneLine(s string) string {
