@@ -35,6 +35,9 @@ func stop(cfg config, stdout, stderr io.Writer) int {
 		} else {
 			fmt.Fprintln(stdout, "acme-alpn-proxy is not running")
 		}
+		if n := deleteStaleConntrack(cfg); n > 0 {
+			fmt.Fprintf(stdout, "deleted %d conntrack entries of redirected connections a killed instance left\n", n)
+		}
 		return exitOK
 	}
 	if err != nil {
@@ -158,6 +161,15 @@ func staleRules() string {
 		}
 	}
 	return strings.Join(found, "; ")
+}
+
+// deleteStaleConntrack deletes the conntrack entries that a redirect to our
+// listen port created, when no instance of ours runs to own them (after
+// kill -9): a new connection reusing such a 4-tuple would be sent to a
+// listener that is gone. Errors are not fatal: the entries expire anyway.
+func deleteStaleConntrack(cfg config) int {
+	n, _ := nft.DeleteConntrack(cfg.listenPort)
+	return n
 }
 
 // removeStale removes what staleRules finds.

@@ -125,6 +125,9 @@ func startInstance(cfg config, log *slog.Logger, lock *pidLock) (in *instance, e
 	if err != nil {
 		return in, err
 	}
+	if n := deleteStaleConntrack(cfg); n > 0 {
+		log.Info("deleted conntrack entries a killed instance left", "count", n)
+	}
 	if in.rs, err = install(in.ic, cfg, families, log); err != nil {
 		return in, err
 	}
