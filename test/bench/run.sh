@@ -114,7 +114,9 @@ prepare() {
 			echo "build failed: $(tail -1 "$WORK/aap-build.log")"
 			return 1
 		fi
-		if ! "$AAP" -h 2>&1 | grep -q -- -no-redirect; then
+		local help
+		help=$("$AAP" -h 2>&1 || true)
+		if ! grep -q -- -no-redirect <<<"$help"; then
 			echo "binary has no -no-redirect flag yet"
 			return 1
 		fi
@@ -245,10 +247,11 @@ skip() { # skip PEER REP REASON: a note in the results
 }
 
 client() { # client MODE ARGS...: one loadgen client run, its JSON line appended to the results
-	local mode=$1
+	local mode=$1 t0=$EPOCHREALTIME
 	shift
 	"$LG" "$mode" -peer "$PEER" -rep "$REP" -addr "$ADDR" -watch "$WATCH" "$@" >>"$RESULTS" 2>>"$WORK/loadgen.log" ||
 		skip "$PEER" "$REP" "loadgen $mode failed: $(tail -1 "$WORK/loadgen.log")"
+	log "  $mode $* took $(awk "BEGIN{printf \"%.1f\", $EPOCHREALTIME - $t0}") s"
 	sleep 0.5 # let the proxy close what the last test left
 }
 

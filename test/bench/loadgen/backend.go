@@ -73,16 +73,14 @@ func backendConn(c net.Conn, tag byte) {
 	c.SetReadDeadline(time.Time{})
 	switch cmd[0] {
 	case cmdPing:
+		c.Write([]byte{tag})
+	case cmdHold:
 		if _, err := c.Write([]byte{tag}); err != nil {
 			return
 		}
-		// Hold until the client closes: idle connections stay open here.
-		var b [512]byte
-		for {
-			if _, err := c.Read(b[:]); err != nil {
-				return
-			}
-		}
+		// Idle until told to close: any byte or EOF ends it.
+		var b [1]byte
+		c.Read(b[:])
 	case cmdUpload:
 		buf := make([]byte, ioBufSize)
 		var n int64

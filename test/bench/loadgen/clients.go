@@ -254,15 +254,15 @@ func download(c *net.TCPConn, hello []byte, dur time.Duration) (int64, error) {
 }
 
 // ping does the short exchange of the cps and idle modes: connect, send
-// the hello and a ping, and wait for the backend's tag.
-func ping(addr string, hello []byte, expect byte) (*net.TCPConn, error) {
+// the hello and cmd (cmdPing or cmdHold), and wait for the backend's tag.
+func ping(addr string, hello []byte, cmd, expect byte) (*net.TCPConn, error) {
 	c, err := dial(addr)
 	if err != nil {
 		return nil, err
 	}
 	c.SetDeadline(time.Now().Add(helloTimeout))
 	var tag [1]byte
-	if _, err = c.Write(append(slices.Clip(hello), cmdPing)); err == nil {
+	if _, err = c.Write(append(slices.Clip(hello), cmd)); err == nil {
 		_, err = io.ReadFull(c, tag[:])
 	}
 	if err == nil && tag[0] != expect {
@@ -272,8 +272,22 @@ func ping(addr string, hello []byte, expect byte) (*net.TCPConn, error) {
 		c.Close()
 		return nil, err
 	}
-	c.SetDeadline(time.Time{})
 	return c, nil
+}
+
+// awaitClose waits (within the deadline already set on c) for the backend's
+// close to come through, then closes c: the backend is the active closer.
+func awaitClose(c *net.TCPConn) error {
+	defer c.Close()
+	var b [1]byte
+	n, err := c.Read(b[:])
+	if err == io.EOF {
+		return nil
+	}
+	if err == nil {
+		err = fmt.Errorf("unexpected byte %q instead of close", b[:n])
+	}
+	return err
 }
 
 func expectTag(s string) (byte, error) {
@@ -318,14 +332,17 @@ func runCPS(args []string) error {
 			var mine []time.Duration
 			for time.Now().Before(end) && len(mine) < maxSamples / *conc {
 				t0 := time.Now()
-				c, err := ping(*f.addr, hello, tag)
+				c, err := ping(*f.addr, hello, cmdPing, tag)
+				if err == nil {
+					lat := time.Since(t0)
+					if err = awaitClose(c); err == nil {
+						mine = append(mine, lat)
+					}
+				}
 				if err != nil {
 					errs.add(err)
 					time.Sleep(time.Millisecond) // no hot loop against a dead proxy
-					continue
 				}
-				mine = append(mine, time.Since(t0))
-				c.Close()
 			}
 			mu.Lock()
 			lat = append(lat, mine...)
@@ -363,6 +380,8 @@ func runIdle(args []string) error {
 	n := f.fs.Int("n", 5000, "idle connections to hold")
 	conc := f.fs.Int("concurrency", 64, "parallel dialers")
 	settle := f.fs.Duration("settle", time.Second, "wait after the last connection before measuring")
+	maxErrors := f.fs.Int("max-errors", 10, "stop opening connections after this many failures (the proxy is at a limit)")
+	setupTimeout := f.fs.Duration("setup-timeout", time.Minute, "stop opening connections after this long")
 	f.fs.Parse(args)
 	if *n < 1 || *n > 15000 || *conc < 1 || *conc > 1024 {
 		return fmt.Errorf("-n must be 1..15000 (the fd limit) and -concurrency 1..1024")
@@ -386,21 +405,20 @@ func runIdle(args []string) error {
 	var errs errCounter
 	var mu sync.Mutex
 	conns := make([]*net.TCPConn, 0, *n)
-	defer func() {
-		for _, c := range conns {
-			c.Close()
-		}
-	}()
+	defer func() { release(conns, *conc) }()
 	var next atomic.Int64
+	var failed atomic.Int64
 	var wg sync.WaitGroup
+	setupEnd := time.Now().Add(*setupTimeout)
 	for range *conc {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for next.Add(1) <= int64(*n) {
-				c, err := ping(*f.addr, hello, tag)
+			for next.Add(1) <= int64(*n) && failed.Load() < int64(*maxErrors) && time.Now().Before(setupEnd) {
+				c, err := ping(*f.addr, hello, cmdHold, tag)
 				if err != nil {
 					errs.add(err)
+					failed.Add(1)
 					continue
 				}
 				mu.Lock()
@@ -424,4 +442,29 @@ func runIdle(args []string) error {
 		res.PSSKiBPerConn, res.FDsPerConn = &pss, &fds
 	}
 	return emit(res)
+}
+
+// release ends idle connections the way cps does: it asks each backend to
+// close first, so no TIME_WAIT lands on an ephemeral port.
+func release(conns []*net.TCPConn, workers int) {
+	work := make(chan *net.TCPConn)
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for c := range work {
+				c.SetDeadline(time.Now().Add(helloTimeout))
+				if _, err := c.Write([]byte{cmdRelease}); err == nil {
+					awaitClose(c)
+				}
+				c.Close()
+			}
+		}()
+	}
+	for _, c := range conns {
+		work <- c
+	}
+	close(work)
+	wg.Wait()
 }

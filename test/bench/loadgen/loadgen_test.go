@@ -136,11 +136,13 @@ func TestNaiveRelayRoutesAndRelays(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		c, err := ping(addr, hello, tag)
+		c, err := ping(addr, hello, cmdPing, tag)
 		if err != nil {
 			t.Fatalf("%s: %v", alpn, err)
 		}
-		c.Close()
+		if err := awaitClose(c); err != nil {
+			t.Fatalf("%s: backend close not relayed: %v", alpn, err)
+		}
 	}
 	hello, _ := clientHello("x.example", []string{"h2"})
 	c, err := dial(addr)

@@ -21,9 +21,15 @@ import (
 	"os"
 )
 
-// Commands the client sends right after its ClientHello.
+// Commands the client sends right after its ClientHello. Wherever a
+// connection ends on the backend's initiative, the backend closes first, so
+// the TIME_WAIT sockets sit on the listening ports and thousands of short
+// connections do not use up the machine's ephemeral ports (which would break
+// every other program on it that binds port 0).
 const (
-	cmdPing     = 'P' // backend answers its tag byte, then waits for EOF
+	cmdPing     = 'P' // backend answers its tag byte and closes
+	cmdHold     = 'H' // backend answers its tag byte, then closes once the client sends cmdRelease or EOF
+	cmdRelease  = 'R'
 	cmdUpload   = 'U' // backend sinks until EOF, then answers the count (8 bytes)
 	cmdDownload = 'D' // followed by a uint32 duration in ms: backend sources that long, then closes
 )
