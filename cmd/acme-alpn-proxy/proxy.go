@@ -32,28 +32,28 @@ type proxy struct {
 }
 
 // serve accepts on ln until it is closed. Accept errors such as EMFILE back
-// off and retry: running out of descriptors must degrade service, not end it.
+// off and retry: running out of descriptors must degrade service, not end
+// it. While failures go on, a warning is logged at most once a second.
 func (p *proxy) serve(ln *net.TCPListener) {
 	var backoff time.Duration
+	var failures int
+	var lastWarn time.Time
 	for {
 		c, err := ln.AcceptTCP()
 		if err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				return
 			}
-			if backoff == 0 {
-				backoff = 5 * time.Millisecond
-				p.log.Warn("accept failed; backing off", "listener", ln.Addr().String(), "err", err)
-			} else if backoff *= 2; backoff > time.Second {
-				backoff = time.Second
+			failures++
+			if time.Since(lastWarn) >= time.Second {
+				p.log.Warn("accept failed; backing off", "listener", ln.Addr().String(), "err", err, "failures", failures)
+				lastWarn, failures = time.Now(), 0
 			}
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
 			time.Sleep(backoff)
 			continue
 		}
-		if backoff != 0 {
-			p.log.Info("accepting again", "listener", ln.Addr().String())
-			backoff = 0
-		}
+		backoff = 0
 		if !p.track(c) {
 			c.Close()
 			continue
