@@ -26,7 +26,9 @@ const (
 	hostInput = `-A INPUT -i lo -j ACCEPT
 -A INPUT -p tcp -m tcp --dport 443 -m comment --comment "allow https (acme-alpn-proxy too)" -j ACCEPT
 -A INPUT -p tcp -m tcp --dport 22 -j ACCEPT`
-	// What a killed instance in tproxy mode on other ports left behind.
+	// What a killed instance in tproxy mode on other ports left behind,
+	// as iptables -S prints it.
+	staleNAT    = `-A PREROUTING ! -i lo -p tcp -m tcp --dport 8443 --tcp-flags FIN,SYN,RST,ACK SYN -m addrtype --dst-type LOCAL -m comment --comment acme-alpn-proxy -j ACCEPT`
 	staleMangle = `-A PREROUTING ! -i lo -p tcp -m tcp --dport 30000 -m comment --comment acme-alpn-proxy -j DROP
 -A PREROUTING -j MARK --set-xmark 0x1/0xffffffff
 -A PREROUTING ! -i lo -p tcp -m tcp --dport 8443 --tcp-flags FIN,SYN,RST,ACK SYN -m comment --comment acme-alpn-proxy -j TPROXY --on-port 30000 --on-ip 0.0.0.0 --tproxy-mark 0x0/0x0`
@@ -71,6 +73,9 @@ func TestInstallRemovesStaleCopiesFromOtherModesAndPorts(t *testing.T) {
 	fake.seed("iptables", "mangle", staleMangle)
 	fake.seed("ip6tables", "mangle", staleMangle) // IPv6 not asked for now: still cleaned
 	fake.seed("iptables", "nat", "-A PREROUTING -p tcp --dport 443 --syn -m comment --comment acme-alpn-proxy -j REDIRECT --to-ports 1111")
+	for _, bin := range []string{"iptables", "ip6tables"} {
+		fake.seed(bin, "nat", staleNAT)
+	}
 	b := newTestBackend(t, fake, "")
 	if err := b.Install(mustBuild(t, intercept.Redirect, 443, 21443, intercept.IPv4)); err != nil {
 		t.Fatal(err)
@@ -78,6 +83,9 @@ func TestInstallRemovesStaleCopiesFromOtherModesAndPorts(t *testing.T) {
 	for _, bin := range []string{"iptables", "ip6tables"} {
 		if got := fake.chain(bin, "mangle", "PREROUTING"); !reflect.DeepEqual(got, []string{"-A PREROUTING -j MARK --set-xmark 0x1/0xffffffff"}) {
 			t.Errorf("%s mangle: %q, want only the foreign MARK rule", bin, got)
+		}
+		if got := fake.chain(bin, "nat", "PREROUTING"); strings.Contains(strings.Join(got, "\n"), "-j ACCEPT") {
+			t.Errorf("%s: stale tproxy-mode nat ACCEPT survived: %q", bin, got)
 		}
 	}
 	if n := fake.ours(); n != 2 {
@@ -90,6 +98,7 @@ func TestInstallRemovesStaleCopiesFromOtherModesAndPorts(t *testing.T) {
 
 func TestInstallTwiceKeepsOneCopy(t *testing.T) {
 	fake := newFake()
+	seedHost(fake)
 	b := newTestBackend(t, fake, "")
 	rs := mustBuild(t, intercept.TProxy, 443, 21443, intercept.IPv4, intercept.IPv6)
 	for i := 0; i < 2; i++ {
@@ -97,12 +106,23 @@ func TestInstallTwiceKeepsOneCopy(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if n := fake.ours(); n != 4 {
-		t.Errorf("%d rules of ours, want 4", n)
+	if n := fake.ours(); n != 6 {
+		t.Errorf("%d rules of ours, want 6 (guard, tproxy, nat ACCEPT per family)", n)
 	}
-	got := fake.chain("ip6tables", "mangle", "PREROUTING")
-	if len(got) != 2 || !strings.HasSuffix(got[0], "-j DROP") || !strings.Contains(got[1], "-j TPROXY") {
-		t.Errorf("ip6tables mangle order: %q, want guard then tproxy", got)
+	for _, bin := range []string{"iptables", "ip6tables"} {
+		got := fake.chain(bin, "mangle", "PREROUTING")
+		if len(got) != 2 || !strings.HasSuffix(got[0], "-j DROP") || !strings.Contains(got[1], "-j TPROXY") {
+			t.Errorf("%s mangle order: %q, want guard then tproxy", bin, got)
+		}
+		// Ahead of Docker's jump to its DNAT chain.
+		nat := fake.chain(bin, "nat", "PREROUTING")
+		want := []string{
+			"-A PREROUTING ! -i lo -p tcp --dport 443 --syn -m addrtype --dst-type LOCAL -m comment --comment acme-alpn-proxy -j ACCEPT",
+			"-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER",
+		}
+		if !reflect.DeepEqual(nat, want) {
+			t.Errorf("%s nat PREROUTING:\n%q\nwant\n%q", bin, nat, want)
+		}
 	}
 }
 
@@ -124,6 +144,11 @@ func TestRemoveInterceptKeepsGuardsThenRemoveLeavesOnlyForeign(t *testing.T) {
 			}
 			if st.Intercepting() || len(st.Rules) != 2 {
 				t.Errorf("after RemoveIntercept: %+v, want the two guards only", st.Rules)
+			}
+			for _, bin := range []string{"iptables", "ip6tables"} {
+				if got := fake.chain(bin, "nat", "PREROUTING"); !reflect.DeepEqual(got, []string{"-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER"}) {
+					t.Errorf("%s nat PREROUTING after RemoveIntercept: %q, want only Docker's jump", bin, got)
+				}
 			}
 			for _, r := range st.Rules {
 				if r.Role != intercept.RoleGuard {
@@ -361,6 +386,22 @@ func TestInspectAndVariant(t *testing.T) {
 	}
 	if !reflect.DeepEqual(st.Rules, want) {
 		t.Errorf("Inspect:\n%+v\nwant\n%+v", st.Rules, want)
+	}
+
+	if err := b.Install(mustBuild(t, intercept.TProxy, 443, 21443, intercept.IPv6)); err != nil {
+		t.Fatal(err)
+	}
+	st, err = b.Inspect()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want = []Present{
+		{intercept.IPv6, "nat", "PREROUTING", intercept.RoleIntercept, "-A PREROUTING ! -i lo -p tcp --dport 443 --syn -m addrtype --dst-type LOCAL -m comment --comment acme-alpn-proxy -j ACCEPT"},
+		{intercept.IPv6, "mangle", "PREROUTING", intercept.RoleGuard, "-A PREROUTING ! -i lo -p tcp --dport 21443 -m addrtype --dst-type LOCAL -m comment --comment acme-alpn-proxy -j DROP"},
+		{intercept.IPv6, "mangle", "PREROUTING", intercept.RoleIntercept, "-A PREROUTING ! -i lo -p tcp --dport 443 --syn -m addrtype --dst-type LOCAL -m comment --comment acme-alpn-proxy -j TPROXY --on-port 21443"},
+	}
+	if !reflect.DeepEqual(st.Rules, want) || !st.Intercepting() {
+		t.Errorf("Inspect in tproxy mode:\n%+v\nwant\n%+v", st.Rules, want)
 	}
 }
 

@@ -181,6 +181,13 @@ func ruleArgv(loc location, r intercept.Rule) ([]string, error) {
 		a = append(a, "-j", "TPROXY", "--on-port", strconv.Itoa(int(r.ToPort)))
 	case intercept.ActionDrop:
 		a = append(a, "-j", "DROP")
+	case intercept.ActionClaimNAT:
+		// ACCEPT ends the nat table's PREROUTING, where Docker's DNAT
+		// lives, with the connection bound to its own destination.
+		if loc.Table != "nat" {
+			return nil, fmt.Errorf("claiming NAT needs the nat table")
+		}
+		a = append(a, "-j", "ACCEPT")
 	default:
 		return nil, fmt.Errorf("unknown action %v", r.Action)
 	}

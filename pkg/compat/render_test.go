@@ -58,12 +58,17 @@ func TestArgsTProxyIPv4OnlyKeepsGuardFirst(t *testing.T) {
 	const (
 		guard = "! -i lo -p tcp --dport 30000 -m addrtype --dst-type LOCAL -m comment --comment acme-alpn-proxy -j DROP"
 		tp    = "! -i lo -p tcp --dport 8443 --syn -m addrtype --dst-type LOCAL -m comment --comment acme-alpn-proxy -j TPROXY --on-port 30000"
+		// ACCEPT at the head of nat PREROUTING: the same SYNs get a null
+		// NAT binding before Docker's DNAT further down can take them.
+		claim = "! -i lo -p tcp --dport 8443 --syn -m addrtype --dst-type LOCAL -m comment --comment acme-alpn-proxy -j ACCEPT"
 	)
 	wantInstall := [][]string{
 		argv("iptables -w 30 -t mangle -I PREROUTING 1 " + guard),
 		argv("iptables -w 30 -t mangle -I PREROUTING 2 " + tp),
+		argv("iptables -w 30 -t nat -I PREROUTING 1 " + claim),
 	}
 	wantRemove := [][]string{
+		argv("iptables -w 30 -t nat -D PREROUTING " + claim),
 		argv("iptables -w 30 -t mangle -D PREROUTING " + tp),
 		argv("iptables -w 30 -t mangle -D PREROUTING " + guard),
 	}
@@ -72,6 +77,48 @@ func TestArgsTProxyIPv4OnlyKeepsGuardFirst(t *testing.T) {
 	}
 	if !reflect.DeepEqual(remove, wantRemove) {
 		t.Errorf("remove:\n%q\nwant\n%q", remove, wantRemove)
+	}
+}
+
+func TestArgsTProxyBothFamilies(t *testing.T) {
+	rs := mustBuild(t, intercept.TProxy, 443, 21443, intercept.IPv4, intercept.IPv6)
+	install, remove, err := Args(rs, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	const (
+		guard = "! -i lo -p tcp --dport 21443 -m addrtype --dst-type LOCAL -m comment --comment acme-alpn-proxy -j DROP"
+		tp    = "! -i lo -p tcp --dport 443 --syn -m addrtype --dst-type LOCAL -m comment --comment acme-alpn-proxy -j TPROXY --on-port 21443"
+		claim = "! -i lo -p tcp --dport 443 --syn -m addrtype --dst-type LOCAL -m comment --comment acme-alpn-proxy -j ACCEPT"
+	)
+	var wantInstall, wantRemove [][]string
+	for _, bin := range []string{"iptables", "ip6tables"} {
+		wantInstall = append(wantInstall,
+			argv(bin+" -w 30 -t mangle -I PREROUTING 1 "+guard),
+			argv(bin+" -w 30 -t mangle -I PREROUTING 2 "+tp),
+			argv(bin+" -w 30 -t nat -I PREROUTING 1 "+claim),
+		)
+	}
+	for _, bin := range []string{"ip6tables", "iptables"} {
+		wantRemove = append(wantRemove,
+			argv(bin+" -w 30 -t nat -D PREROUTING "+claim),
+			argv(bin+" -w 30 -t mangle -D PREROUTING "+tp),
+			argv(bin+" -w 30 -t mangle -D PREROUTING "+guard),
+		)
+	}
+	if !reflect.DeepEqual(install, wantInstall) {
+		t.Errorf("install:\n%q\nwant\n%q", install, wantInstall)
+	}
+	if !reflect.DeepEqual(remove, wantRemove) {
+		t.Errorf("remove:\n%q\nwant\n%q", remove, wantRemove)
+	}
+}
+
+func TestArgsClaimNATOnlyInNATTable(t *testing.T) {
+	rs := mustBuild(t, intercept.TProxy, 443, 21443, intercept.IPv4)
+	rs.Tables[0].Chains[1].Type = intercept.ChainFilter // would be mangle: ACCEPT there binds no NAT
+	if _, _, err := Args(rs, ""); err == nil || !strings.Contains(err.Error(), "nat table") {
+		t.Errorf("identity DNAT outside the nat table: err = %v", err)
 	}
 }
 
@@ -158,6 +205,19 @@ func TestParseOwnRulesOnlyOurComment(t *testing.T) {
 	wantDel := argv("iptables-nft -w 30 -t nat -D PREROUTING -p tcp -m tcp --dport 443 --tcp-flags FIN,SYN,RST,ACK SYN -m comment --comment acme-alpn-proxy -j REDIRECT --to-ports 21443")
 	if !reflect.DeepEqual(del, wantDel) {
 		t.Errorf("delete argv %q, want %q", del, wantDel)
+	}
+}
+
+func TestParseOwnRulesClaimNATIsIntercept(t *testing.T) {
+	// As iptables-legacy and iptables-nft 1.8.9 print our tproxy-mode nat
+	// rule, after Docker's PREROUTING jump was inserted above it.
+	out := `-P PREROUTING ACCEPT
+-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER
+-A PREROUTING ! -i lo -p tcp -m tcp --dport 443 --tcp-flags FIN,SYN,RST,ACK SYN -m addrtype --dst-type LOCAL -m comment --comment acme-alpn-proxy -j ACCEPT
+`
+	got := parseOwnRules(location{"nat", "PREROUTING"}, out)
+	if len(got) != 1 || got[0].Role != intercept.RoleIntercept {
+		t.Fatalf("got %+v, want one intercept rule (removed with the TPROXY rule at drain)", got)
 	}
 }
 

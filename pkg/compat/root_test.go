@@ -193,6 +193,7 @@ func TestRootRulesWithRealBinaries(t *testing.T) {
 				}
 			}
 			for _, bin := range []string{v.v4, v.v6} {
+				// The killed instance's nat ACCEPT (port 8444) is gone too.
 				nat := ns.rules(t, bin, "nat", "PREROUTING")
 				if len(nat) != 2 || !strings.Contains(nat[0], "--comment acme-alpn-proxy -j REDIRECT --to-ports 21443") || !strings.Contains(nat[1], "--dport 8443 -j ACCEPT") {
 					t.Errorf("%s nat PREROUTING:\n%s", bin, strings.Join(nat, "\n"))
@@ -225,18 +226,50 @@ func TestRootRulesWithRealBinaries(t *testing.T) {
 				}
 			}
 
-			// TProxy: guard then intercept, ahead of the foreign rule.
+			// TProxy: guard then intercept, ahead of the foreign rule, and
+			// the nat ACCEPT that claims the NAT binding ahead of any DNAT.
 			if err := b.Install(mustBuild(t, intercept.TProxy, 443, 21443, intercept.IPv4, intercept.IPv6)); err != nil {
 				t.Fatal(err)
 			}
+			const claim = "! -i lo -p tcp -m tcp --dport 443 --tcp-flags FIN,SYN,RST,ACK SYN -m addrtype --dst-type LOCAL -m comment --comment acme-alpn-proxy -j ACCEPT"
 			for _, bin := range []string{v.v4, v.v6} {
 				m := ns.rules(t, bin, "mangle", "PREROUTING")
 				if len(m) != 3 || !strings.Contains(m[0], "--dport 21443") || !strings.Contains(m[0], "-j DROP") ||
 					!strings.Contains(m[1], "-j TPROXY --on-port 21443") || !strings.Contains(m[2], "--dport 8443 -j ACCEPT") {
 					t.Errorf("%s mangle PREROUTING:\n%s", bin, strings.Join(m, "\n"))
 				}
+				nat := ns.rules(t, bin, "nat", "PREROUTING")
+				if len(nat) != 2 || nat[0] != "-A PREROUTING "+claim || !strings.Contains(nat[1], "--dport 8443 -j ACCEPT") {
+					t.Errorf("%s nat PREROUTING:\n%s", bin, strings.Join(nat, "\n"))
+				}
 				if n := ourLines(ns.rules(t, bin, "filter", "INPUT")); n != 0 {
 					t.Errorf("%s: redirect-mode guard left after installing tproxy", bin)
+				}
+			}
+			st, err = b.Inspect()
+			if err != nil {
+				t.Fatal(err)
+			}
+			intercepts := 0
+			for _, r := range st.Rules {
+				if r.Role == intercept.RoleIntercept {
+					intercepts++
+				}
+			}
+			if len(st.Rules) != 6 || intercepts != 4 {
+				t.Errorf("Inspect in tproxy mode: %+v, want guard, TPROXY and nat ACCEPT per family", st.Rules)
+			}
+			// Draining: TPROXY and the nat ACCEPT go, the guard stays.
+			if err := b.RemoveIntercept(); err != nil {
+				t.Fatal(err)
+			}
+			for _, bin := range []string{v.v4, v.v6} {
+				if n := ourLines(ns.rules(t, bin, "nat", "PREROUTING")); n != 0 {
+					t.Errorf("%s: nat ACCEPT left after RemoveIntercept", bin)
+				}
+				m := ns.rules(t, bin, "mangle", "PREROUTING")
+				if len(m) != 2 || ourLines(m) != 1 || !strings.Contains(m[0], "--dport 21443") || !strings.Contains(m[0], "-j DROP") {
+					t.Errorf("%s mangle PREROUTING after RemoveIntercept:\n%s", bin, strings.Join(m, "\n"))
 				}
 			}
 

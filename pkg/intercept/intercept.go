@@ -105,6 +105,14 @@ const (
 	ActionRedirect Action = iota // NAT to ToPort on the local address
 	ActionTProxy                 // assign to the transparent listener on ToPort
 	ActionDrop
+	// ActionClaimNAT is an identity DNAT (nft: dnat to ip daddr; iptables:
+	// ACCEPT in the nat table). The first NAT chain that binds a new
+	// connection ends NAT chain traversal, so claiming it at dstnat - 10
+	// keeps a later DNAT of the port (Docker publishing 443 to a
+	// container) off connections we took with TPROXY: that DNAT would make
+	// the destination non-local, and the kernel drops a forwarded packet
+	// that already has our socket attached.
+	ActionClaimNAT
 )
 
 func (a Action) String() string {
@@ -113,6 +121,8 @@ func (a Action) String() string {
 		return "redirect"
 	case ActionTProxy:
 		return "tproxy"
+	case ActionClaimNAT:
+		return "claim-nat"
 	}
 	return "drop"
 }
@@ -187,6 +197,8 @@ type Config struct {
 //	chain prerouting { type filter hook prerouting priority mangle - 10
 //	  iifname != "lo" fib daddr type local tcp dport 21443 drop
 //	  iifname != "lo" fib daddr type local tcp dport 443 tcp flags & (fin|syn|rst|ack) == syn tproxy to :21443 }
+//	chain claim-nat { type nat hook prerouting priority dstnat - 10
+//	  iifname != "lo" fib daddr type local tcp dport 443 tcp flags & (fin|syn|rst|ack) == syn dnat to daddr }
 //
 // dstnat - 10 wins over other NAT on the host (Docker's DNAT) whatever the
 // registration order; mangle - 10 runs before any DNAT at all.
@@ -229,6 +241,13 @@ func Build(cfg Config) (RuleSet, error) {
 				Role: RoleIntercept, NotLoopback: true, LocalOnly: true, DPort: cfg.Port, SynOnly: true,
 				Action: ActionTProxy, ToPort: cfg.ListenPort,
 				Comment: TableName + ": new connections to the proxy",
+			}},
+		}, {
+			Name: "claim-nat", Type: ChainNAT, Hook: HookPrerouting, Priority: PriorityDstNAT - 10,
+			Rules: []Rule{{
+				Role: RoleIntercept, NotLoopback: true, LocalOnly: true, DPort: cfg.Port, SynOnly: true,
+				Action:  ActionClaimNAT,
+				Comment: TableName + ": no other DNAT for proxied connections",
 			}},
 		}}
 	default:
@@ -280,6 +299,8 @@ func (r Rule) String() string {
 		fmt.Fprintf(&b, "redirect to :%d", r.ToPort)
 	case ActionTProxy:
 		fmt.Fprintf(&b, "tproxy to :%d", r.ToPort)
+	case ActionClaimNAT:
+		b.WriteString("dnat to daddr")
 	default:
 		b.WriteString("drop")
 	}

@@ -44,10 +44,15 @@ func TestBuildTProxy(t *testing.T) {
 	if c.Rules[0].Action != ActionDrop || c.Rules[0].DPort != 9443 || c.Rules[1].Action != ActionTProxy || c.Rules[1].DPort != 8443 {
 		t.Errorf("rules = %+v", c.Rules)
 	}
-	for _, r := range c.Rules {
+	for _, r := range append(c.Rules, rs.Tables[0].Chains[1].Rules...) {
 		if !r.NotLoopback || !r.LocalOnly || r.NotDNAT {
 			t.Errorf("rule %v: tproxy rules must skip loopback (our own dials), match local destinations only, and not use conntrack", r)
 		}
+	}
+	claim := rs.Tables[0].Chains[1]
+	if claim.Type != ChainNAT || claim.Priority != -110 || claim.Rules[0].Action != ActionClaimNAT ||
+		claim.Rules[0].Role != RoleIntercept || !claim.Rules[0].SynOnly || claim.Rules[0].DPort != 8443 {
+		t.Errorf("claim-nat chain = %+v: want an intercept-role identity DNAT of the same SYNs at dstnat - 10", claim)
 	}
 	if !strings.Contains(rs.String(), "table ip6 acme-alpn-proxy {") {
 		t.Errorf("String() = %s", rs)

@@ -139,6 +139,21 @@ func notDNAT() []expr.Any {
 	}
 }
 
+// claimNAT is `dnat to ip daddr` (`dnat to ip6 daddr`): the destination
+// address loaded into reg 1 and DNAT to it. nft itself sends only addr_min;
+// naming reg 1 as addr_max too is what the kernel assumes without it, and
+// it dumps both back.
+func claimNAT(fam byte) []expr.Any {
+	off, n := uint32(16), uint32(4) // iphdr.daddr
+	if fam == 10 {
+		off, n = 24, 16 // ipv6hdr.daddr
+	}
+	return []expr.Any{
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: n},
+		&expr.NAT{Type: expr.NATTypeDestNAT, Family: uint32(fam), RegAddrMin: 1, RegAddrMax: 1},
+	}
+}
+
 func cat(parts ...[]expr.Any) []expr.Any {
 	var out []expr.Any
 	for _, p := range parts {
@@ -164,10 +179,13 @@ func wantTProxy(t *testing.T, fam byte) []wantMsg {
 	msgs := tableMsgs(t, true)
 	msgs = append(msgs,
 		chainMsg(t, "prerouting", 0, -160, "filter"),
+		chainMsg(t, "claim-nat", 0, -110, "nat"),
 		ruleMsg(t, "prerouting", "acme-alpn-proxy: listener only through tproxy", exprList(t, fam, cat(notLo(), local(), dport(21443),
 			[]expr.Any{&expr.Verdict{Kind: expr.VerdictDrop}})...)),
 		ruleMsg(t, "prerouting", "acme-alpn-proxy: new connections to the proxy", exprList(t, fam, cat(notLo(), local(), dport(443), synOnly(),
 			[]expr.Any{&expr.Immediate{Register: 1, Data: []byte{0x53, 0xc3}}, &expr.TProxy{Family: fam, TableFamily: fam, RegPort: 1}})...)),
+		ruleMsg(t, "claim-nat", "acme-alpn-proxy: no other DNAT for proxied connections", exprList(t, fam, cat(notLo(), local(), dport(443), synOnly(),
+			claimNAT(fam))...)),
 	)
 	return msgs
 }
@@ -218,10 +236,10 @@ func TestInstallBatch(t *testing.T) {
 			return wantRedirect(t), repeat(2, 7)
 		}},
 		{intercept.TProxy, []intercept.Family{intercept.IPv6}, func(t *testing.T) ([]wantMsg, []byte) {
-			return wantTProxy(t, 10), repeat(10, 6)
+			return wantTProxy(t, 10), repeat(10, 8)
 		}},
 		{intercept.TProxy, []intercept.Family{intercept.IPv4, intercept.IPv6}, func(t *testing.T) ([]wantMsg, []byte) {
-			return append(wantTProxy(t, 2), wantTProxy(t, 10)...), append(repeat(2, 6), repeat(10, 6)...)
+			return append(wantTProxy(t, 2), wantTProxy(t, 10)...), append(repeat(2, 8), repeat(10, 8)...)
 		}},
 	} {
 		t.Run(fmt.Sprint(tc.mode, tc.fams), func(t *testing.T) {
@@ -365,6 +383,17 @@ func TestInstallTProxyUnsupported(t *testing.T) {
 	if err == nil || errors.Is(err, ErrTProxyUnsupported) || !strings.Contains(err.Error(), "nft_redir") {
 		t.Errorf("redirect rule refused: err = %v, want one naming nft_redir", err)
 	}
+	// Nor is a refused identity DNAT of the tproxy rule set: it needs nft_nat.
+	k = &fakeKernel{t: t, refuse: func(m netlink.Message) int {
+		if m.Header.Type == tNewRule && hasExpr(t, m, "nat") {
+			return int(unix.ENOENT)
+		}
+		return 0
+	}}
+	err = newBackend(k.conn(), Options{}).Install(ruleSet(t, intercept.TProxy, intercept.IPv4))
+	if err == nil || errors.Is(err, ErrTProxyUnsupported) || !strings.Contains(err.Error(), "claim-nat") || !strings.Contains(err.Error(), "nft_nat") {
+		t.Errorf("claim-nat rule refused: err = %v, want one naming the chain and nft_nat", err)
+	}
 }
 
 // The kernel acks every message of a batch whose commit then fails; the
@@ -435,10 +464,16 @@ func TestInstallLearnsHandlesWithoutEcho(t *testing.T) {
 			t.Errorf("unexpected request %#x", req.Header.Type)
 			return ack(req, int(unix.EOPNOTSUPP))
 		}
+		// The kernel dumps rules chain by chain: handles 10, 11 in
+		// prerouting (guard, tproxy), 12 in claim-nat.
 		var out []netlink.Message
-		for i, r := range rs.Tables[0].Chains[0].Rules {
-			es, _ := ruleExprs(intercept.IPv4, r)
-			out = append(out, ruleDumpMsg(t, req, "prerouting", uint64(10+i), es))
+		handle := uint64(10)
+		for _, c := range rs.Tables[0].Chains {
+			for _, r := range c.Rules {
+				es, _ := ruleExprs(intercept.IPv4, r)
+				out = append(out, ruleDumpMsg(t, req, c.Name, handle, es))
+				handle++
+			}
 		}
 		return dumpDone(req, out)
 	}
@@ -449,13 +484,13 @@ func TestInstallLearnsHandlesWithoutEcho(t *testing.T) {
 	if err := b.RemoveIntercept(); err != nil {
 		t.Fatal(err)
 	}
-	del := k.inner(1)
-	if len(del) != 1 || del[0].Header.Type != tDelRule {
-		t.Fatalf("RemoveIntercept sent %d messages, want one DELRULE", len(del))
-	}
-	if h := msgAttrs(t, del[0])[unix.NFTA_RULE_HANDLE]; !bytes.Equal(h, binary.BigEndian.AppendUint64(nil, 11)) {
-		t.Errorf("deleted handle %x, want 11 (the tproxy rule, second in the chain)", h)
-	}
+	checkMsgs(t, k.inner(1), []byte{2, 2}, []wantMsg{delRuleMsg("prerouting", 11), delRuleMsg("claim-nat", 12)})
+}
+
+func delRuleMsg(chain string, handle uint64) wantMsg {
+	return wantMsg{tDelRule, fReq | fAck, map[uint16][]byte{
+		1: name, 2: []byte(chain + "\x00"), 3: binary.BigEndian.AppendUint64(nil, handle),
+	}}
 }
 
 func hasExpr(t *testing.T, m netlink.Message, name string) bool {
@@ -525,6 +560,35 @@ func TestRemoveIntercept(t *testing.T) {
 	}
 }
 
+func TestRemoveInterceptTProxyDeletesClaimNATKeepsGuard(t *testing.T) {
+	k := &fakeKernel{t: t}
+	b := newBackend(k.conn(), Options{})
+	if err := b.Install(ruleSet(t, intercept.TProxy, intercept.IPv4, intercept.IPv6)); err != nil {
+		t.Fatal(err)
+	}
+	// Echo handles in batch order: ip guard 1, tproxy 2, claim-nat 3;
+	// ip6 4, 5, 6.
+	if err := b.RemoveIntercept(); err != nil {
+		t.Fatal(err)
+	}
+	if len(k.batches) != 2 {
+		t.Fatalf("%d batches, want install and one delete transaction", len(k.batches))
+	}
+	checkMsgs(t, k.inner(1), []byte{2, 2, 10, 10}, []wantMsg{
+		delRuleMsg("prerouting", 2), delRuleMsg("claim-nat", 3),
+		delRuleMsg("prerouting", 5), delRuleMsg("claim-nat", 6),
+	})
+	// The guards stay until Remove, which deletes the tables with them.
+	if err := b.RemoveIntercept(); err != nil || len(k.batches) != 2 {
+		t.Errorf("second RemoveIntercept: err %v, %d batches", err, len(k.batches))
+	}
+	if err := b.Remove(); err != nil {
+		t.Fatal(err)
+	}
+	want := tableMsgs(t, false)[:2]
+	checkMsgs(t, k.inner(2), []byte{2, 2, 10, 10}, append(want, want...))
+}
+
 func TestReinstallDropsFamilyNoLongerWanted(t *testing.T) {
 	k := &fakeKernel{t: t}
 	b := newBackend(k.conn(), Options{})
@@ -535,7 +599,7 @@ func TestReinstallDropsFamilyNoLongerWanted(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := append(wantTProxy(t, 2), tableMsgs(t, false)[:2]...)
-	checkMsgs(t, k.inner(1), append(repeat(2, 6), 10, 10), want)
+	checkMsgs(t, k.inner(1), append(repeat(2, 8), 10, 10), want)
 }
 
 func TestRemove(t *testing.T) {
@@ -601,6 +665,150 @@ func TestDecodeRuleRoundTrip(t *testing.T) {
 	}
 	if p.state.Known || strings.Join(p.state.Exprs, " ") != "meta cmp payload cmp counter immediate" {
 		t.Errorf("foreign rule: %+v", p.state)
+	}
+	// DNATs that move the connection are not our identity DNAT.
+	match := cat(notLo(), local(), dport(443), synOnly())
+	for what, tail := range map[string][]expr.Any{
+		"dnat to ip saddr": {
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 12, Len: 4},
+			&expr.NAT{Type: expr.NATTypeDestNAT, Family: 2, RegAddrMin: 1, RegAddrMax: 1},
+		},
+		"dnat to ip daddr:8443": {
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 16, Len: 4},
+			&expr.Immediate{Register: 2, Data: []byte{0x20, 0xfb}},
+			&expr.NAT{Type: expr.NATTypeDestNAT, Family: 2, RegAddrMin: 1, RegAddrMax: 1, RegProtoMin: 2, RegProtoMax: 2},
+		},
+		"dnat to 198.18.0.3": {
+			&expr.Immediate{Register: 1, Data: []byte{198, 18, 0, 3}},
+			&expr.NAT{Type: expr.NATTypeDestNAT, Family: 2, RegAddrMin: 1, RegAddrMax: 1},
+		},
+		"snat to ip daddr": {
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 16, Len: 4},
+			&expr.NAT{Type: expr.NATTypeSourceNAT, Family: 2, RegAddrMin: 1, RegAddrMax: 1},
+		},
+	} {
+		p, err := parseRule(ruleDumpMsg(t, netlink.Message{Data: nfgenmsg(2, 0)}, "claim-nat", 1, cat(match, tail)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if p.state.Known {
+			t.Errorf("%s decoded as our rule %s", what, p.state.Rule)
+		}
+	}
+}
+
+// fakeTables answers GETTABLE and the chain and rule dumps for our table
+// holding the rules of rs that keep says to keep, as the kernel lists them.
+func fakeTables(t *testing.T, rs intercept.RuleSet, keep func(intercept.Rule) bool) func(netlink.Message) []netlink.Message {
+	return func(req netlink.Message) []netlink.Message {
+		fam := req.Data[0]
+		var tb *intercept.Table
+		for i := range rs.Tables {
+			if nfproto(rs.Tables[i].Family) == fam {
+				tb = &rs.Tables[i]
+			}
+		}
+		if tb == nil {
+			return ack(req, int(unix.ENOENT))
+		}
+		reply := func(typ int, as ...netlink.Attribute) netlink.Message {
+			return netlink.Message{
+				Header: netlink.Header{Type: nftType(typ), Sequence: req.Header.Sequence, Flags: netlink.Multi},
+				Data:   append(nfgenmsg(fam, 0), marshal(t, as...)...),
+			}
+		}
+		var out []netlink.Message
+		switch req.Header.Type {
+		case nftType(unix.NFT_MSG_GETTABLE):
+			m := reply(unix.NFT_MSG_NEWTABLE, netlink.Attribute{Type: unix.NFTA_TABLE_NAME, Data: name},
+				netlink.Attribute{Type: unix.NFTA_TABLE_FLAGS, Data: []byte{0, 0, 0, 2}})
+			m.Header.Flags = 0
+			return []netlink.Message{m}
+		case nftType(unix.NFT_MSG_GETCHAIN):
+			for _, c := range tb.Chains {
+				hook, _ := hookNum(c.Hook)
+				out = append(out, reply(unix.NFT_MSG_NEWCHAIN,
+					netlink.Attribute{Type: unix.NFTA_CHAIN_TABLE, Data: name},
+					netlink.Attribute{Type: unix.NFTA_CHAIN_NAME, Data: []byte(c.Name + "\x00")},
+					netlink.Attribute{Type: unix.NLA_F_NESTED | unix.NFTA_CHAIN_HOOK, Data: marshal(t,
+						netlink.Attribute{Type: unix.NFTA_HOOK_HOOKNUM, Data: binary.BigEndian.AppendUint32(nil, hook)},
+						netlink.Attribute{Type: unix.NFTA_HOOK_PRIORITY, Data: binary.BigEndian.AppendUint32(nil, uint32(c.Priority))})},
+					netlink.Attribute{Type: unix.NFTA_CHAIN_TYPE, Data: []byte(string(c.Type) + "\x00")}))
+			}
+		case nftType(unix.NFT_MSG_GETRULE):
+			handle := uint64(1)
+			for _, c := range tb.Chains {
+				for _, r := range c.Rules {
+					if keep(r) {
+						es, err := ruleExprs(tb.Family, r)
+						if err != nil {
+							t.Fatal(err)
+						}
+						m := ruleDumpMsg(t, req, c.Name, handle, es)
+						m.Data = append(m.Data, marshal(t, netlink.Attribute{Type: unix.NFTA_RULE_USERDATA,
+							Data: append(append([]byte{0, byte(len(r.Comment) + 1)}, r.Comment...), 0)})...)
+						out = append(out, m)
+					}
+					handle++
+				}
+			}
+		default:
+			t.Errorf("unexpected request %#x", req.Header.Type)
+			return nil
+		}
+		return dumpDone(req, out)
+	}
+}
+
+func TestInspectModeOfEachRuleSet(t *testing.T) {
+	all := func(intercept.Rule) bool { return true }
+	guards := func(r intercept.Rule) bool { return r.Role == intercept.RoleGuard }
+	for _, tc := range []struct {
+		mode intercept.Mode
+		keep func(intercept.Rule) bool
+		want intercept.Mode
+	}{
+		{intercept.TProxy, all, intercept.TProxy},
+		{intercept.Redirect, all, intercept.Redirect},
+		// What RemoveIntercept leaves while connections drain.
+		{intercept.TProxy, guards, ""},
+		{intercept.Redirect, guards, ""},
+	} {
+		rs := ruleSet(t, tc.mode, intercept.IPv4, intercept.IPv6)
+		k := &fakeKernel{t: t, get: fakeTables(t, rs, tc.keep)}
+		s, err := inspect(k.conn())
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i, ts := range s.Tables {
+			if ts.Mode() != tc.want || ts.Intercepting() != (tc.want != "") {
+				t.Errorf("%s %s: Mode() %q, Intercepting() %v; want %q", tc.mode, ts.Family, ts.Mode(), ts.Intercepting(), tc.want)
+			}
+			want := rs.Tables[i]
+			if len(ts.Chains) != len(want.Chains) {
+				t.Fatalf("%s %s: %d chains, want %d", tc.mode, ts.Family, len(ts.Chains), len(want.Chains))
+			}
+			for j, c := range ts.Chains {
+				w := want.Chains[j]
+				if c.Name != w.Name || c.Type != w.Type || c.Hook != w.Hook || c.Priority != w.Priority {
+					t.Errorf("chain %+v, want %s %s %s %d", c, w.Name, w.Type, w.Hook, w.Priority)
+				}
+				var kept []intercept.Rule
+				for _, r := range w.Rules {
+					if tc.keep(r) {
+						kept = append(kept, r)
+					}
+				}
+				if len(c.Rules) != len(kept) {
+					t.Fatalf("%s %s chain %s: %d rules, want %d", tc.mode, ts.Family, c.Name, len(c.Rules), len(kept))
+				}
+				for k, r := range c.Rules {
+					if !r.Known || r.Rule != kept[k] {
+						t.Errorf("%s %s chain %s: read back %+v, want %+v", tc.mode, ts.Family, c.Name, r, kept[k])
+					}
+				}
+			}
+		}
 	}
 }
 

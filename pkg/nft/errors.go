@@ -118,6 +118,8 @@ func exprModules(info msgInfo) string {
 			m = "nft_redir"
 		case *expr.TProxy:
 			m = "nft_tproxy"
+		case *expr.NAT:
+			m = "nft_nat"
 		case *expr.Ct:
 			m = "nft_ct"
 		case *expr.Fib:

@@ -380,6 +380,8 @@ func parseExpr(fam byte, data []byte) (string, expr.Any, error) {
 		e = &expr.Immediate{}
 	case "redir":
 		e = &expr.Redir{}
+	case "nat":
+		e = &expr.NAT{}
 	case "tproxy":
 		// v0.3.0 decodes NFTA_TPROXY_FAMILY as a u8 but it is a u32.
 		tp, err := parseTProxy(body)
@@ -503,6 +505,18 @@ func decodeRule(es []expr.Any) (intercept.Rule, bool) {
 		func(e expr.Any) bool { v, ok := e.(*expr.Verdict); return ok && v.Kind == expr.VerdictDrop },
 	):
 		r.Action, r.Role = intercept.ActionDrop, intercept.RoleGuard
+	case p.match(
+		func(e expr.Any) bool {
+			x, ok := e.(*expr.Payload)
+			return ok && x.Base == expr.PayloadBaseNetworkHeader && x.DestRegister == 1 &&
+				((x.Offset == 16 && x.Len == 4) || (x.Offset == 24 && x.Len == 16))
+		},
+		func(e expr.Any) bool {
+			x, ok := e.(*expr.NAT)
+			return ok && x.Type == expr.NATTypeDestNAT && x.RegAddrMin == 1 && x.RegProtoMin == 0
+		},
+	):
+		r.Action, r.Role = intercept.ActionClaimNAT, intercept.RoleIntercept
 	default:
 		return r, false
 	}

@@ -344,10 +344,26 @@ func ruleExprs(f intercept.Family, r intercept.Rule) ([]expr.Any, error) {
 		}
 	case intercept.ActionDrop:
 		es = append(es, &expr.Verdict{Kind: expr.VerdictDrop})
+	case intercept.ActionClaimNAT:
+		// dnat to ip daddr: an identity binding (the kernel adds the
+		// map-ips flag itself when an address register is given).
+		off, n := daddrOffset(f)
+		es = append(es,
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: n},
+			&expr.NAT{Type: expr.NATTypeDestNAT, Family: uint32(nfproto(f)), RegAddrMin: 1, RegAddrMax: 1},
+		)
 	default:
 		return nil, fmt.Errorf("unknown action %d", r.Action)
 	}
 	return es, nil
+}
+
+// daddrOffset is where the destination address sits in the network header.
+func daddrOffset(f intercept.Family) (offset, length uint32) {
+	if f == intercept.IPv6 {
+		return 24, 16
+	}
+	return 16, 4
 }
 
 // deleteRulesBatch deletes rules by handle.

@@ -74,22 +74,41 @@ var (
 		"type filter hook input priority filter - 10; policy accept;",
 		`iifname != "lo" fib daddr type local tcp dport 21443 ct status ! dnat drop comment "acme-alpn-proxy: listener only through the redirect"`,
 	}
-	tproxyListing = []string{
+)
+
+// tproxyListing differs per family only in the address the identity DNAT
+// loads: `dnat to ip daddr` / `dnat to ip6 daddr`.
+func tproxyListing(f intercept.Family) []string {
+	return []string{
 		"flags owner",
+		"chain prerouting {",
 		"type filter hook prerouting priority mangle - 10; policy accept;",
 		`iifname != "lo" fib daddr type local tcp dport 21443 drop comment "acme-alpn-proxy: listener only through tproxy"`,
 		`iifname != "lo" fib daddr type local tcp dport 443 tcp flags syn / fin,syn,rst,ack tproxy to :21443 comment "acme-alpn-proxy: new connections to the proxy"`,
+		"chain claim-nat {",
+		"type nat hook prerouting priority dstnat - 10; policy accept;",
+		`iifname != "lo" fib daddr type local tcp dport 443 tcp flags syn / fin,syn,rst,ack dnat to ` + f.String() +
+			` daddr comment "acme-alpn-proxy: no other DNAT for proxied connections"`,
 	}
-)
+}
+
+// ruleCount is how many rules t installs; `nft list` shows one comment each.
+func ruleCount(t intercept.Table) int {
+	n := 0
+	for _, c := range t.Chains {
+		n += len(c.Rules)
+	}
+	return n
+}
 
 func TestRootInstallListsAsDocumented(t *testing.T) {
 	for _, tc := range []struct {
 		mode    intercept.Mode
-		listing []string
+		listing func(intercept.Family) []string
 		prios   []int32
 	}{
-		{intercept.Redirect, redirectListing, []int32{-110, -10}},
-		{intercept.TProxy, tproxyListing, []int32{-160}},
+		{intercept.Redirect, func(intercept.Family) []string { return redirectListing }, []int32{-110, -10}},
+		{intercept.TProxy, tproxyListing, []int32{-160, -110}},
 	} {
 		t.Run(string(tc.mode), func(t *testing.T) {
 			ns := newNetns(t)
@@ -101,11 +120,11 @@ func TestRootInstallListsAsDocumented(t *testing.T) {
 			if !b.Owner() {
 				t.Error("Owner() false on a kernel with owner tables")
 			}
-			for _, f := range []intercept.Family{intercept.IPv4, intercept.IPv6} {
+			for i, f := range []intercept.Family{intercept.IPv4, intercept.IPv6} {
 				l := nftList(t, ns, f)
-				wantLines(t, l, tc.listing...)
-				if n := strings.Count(l, "comment"); n != len(rs.Tables[0].Chains[0].Rules)+len(rs.Tables[0].Chains)-1 {
-					t.Errorf("%s: %d rules listed:\n%s", f, n, l)
+				wantLines(t, l, tc.listing(f)...)
+				if n := strings.Count(l, "comment"); n != ruleCount(rs.Tables[i]) {
+					t.Errorf("%s: %d rules listed, want %d:\n%s", f, n, ruleCount(rs.Tables[i]), l)
 				}
 			}
 			// Another process reads the same back, rule for rule.
@@ -190,13 +209,18 @@ func TestRootRemoveInterceptThenRemove(t *testing.T) {
 			if err := b.Install(rs); err != nil {
 				t.Fatal(err)
 			}
+			for _, ts := range inspectIn(t, ns).Tables {
+				if ts.Mode() != mode {
+					t.Errorf("%s after Install: Mode() %q, want %q", ts.Family, ts.Mode(), mode)
+				}
+			}
 			if err := b.RemoveIntercept(); err != nil {
 				t.Fatal(err)
 			}
 			s := inspectIn(t, ns)
 			for i, ts := range s.Tables {
-				if !ts.Exists || ts.Intercepting() {
-					t.Errorf("%s after RemoveIntercept: exists %v, intercepting %v", ts.Family, ts.Exists, ts.Intercepting())
+				if !ts.Exists || ts.Intercepting() || ts.Mode() != "" {
+					t.Errorf("%s after RemoveIntercept: exists %v, intercepting %v, mode %q", ts.Family, ts.Exists, ts.Intercepting(), ts.Mode())
 				}
 				if len(ts.Chains) != len(rs.Tables[i].Chains) {
 					t.Errorf("%s: %d chains left, want all %d", ts.Family, len(ts.Chains), len(rs.Tables[i].Chains))
@@ -204,7 +228,7 @@ func TestRootRemoveInterceptThenRemove(t *testing.T) {
 				guards := 0
 				for _, c := range ts.Chains {
 					for _, r := range c.Rules {
-						if r.Rule.Role != intercept.RoleGuard {
+						if !r.Known || r.Rule.Role != intercept.RoleGuard {
 							t.Errorf("%s: rule %s left", ts.Family, r.Rule)
 						}
 						guards++
@@ -248,17 +272,21 @@ func TestRootInstallReplaces(t *testing.T) {
 		}
 	}
 	l := nftList(t, ns, intercept.IPv4)
-	wantLines(t, l, tproxyListing...)
-	if strings.Contains(l, "chain old") || strings.Contains(l, "redirect") || strings.Count(l, "comment") != 2 {
+	wantLines(t, l, tproxyListing(intercept.IPv4)...)
+	if strings.Contains(l, "chain old") || strings.Contains(l, "redirect") || strings.Count(l, "comment") != ruleCount(rs.Tables[0]) {
 		t.Errorf("re-install did not replace the table:\n%s", l)
 	}
-	// RemoveIntercept removes the rule of the current rule set.
+	// RemoveIntercept removes the intercept rules of the current rule set
+	// (tproxy and the identity DNAT), keeping the guard and both chains.
 	if err := b.RemoveIntercept(); err != nil {
 		t.Fatal(err)
 	}
-	if l := nftList(t, ns, intercept.IPv4); strings.Contains(l, "tproxy to") {
-		t.Errorf("intercept rule left:\n%s", l)
+	l = nftList(t, ns, intercept.IPv4)
+	if strings.Contains(l, "tproxy to") || strings.Contains(l, "dnat to") || strings.Count(l, "comment") != 1 {
+		t.Errorf("intercept rules left:\n%s", l)
 	}
+	wantLines(t, l, tproxyListing(intercept.IPv4)[:4]...)
+	wantLines(t, l, "chain claim-nat {", "type nat hook prerouting priority dstnat - 10; policy accept;")
 }
 
 func TestRootRemoveStalePlainTable(t *testing.T) {
