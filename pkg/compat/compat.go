@@ -15,6 +15,11 @@
 //	                    -m comment --comment acme-alpn-proxy -j DROP
 //	          -t mangle -I PREROUTING 2 ! -i lo -p tcp --dport 443 --syn -m addrtype --dst-type LOCAL
 //	                    -m comment --comment acme-alpn-proxy -j TPROXY --on-port 21443
+//	          -t nat    -I PREROUTING 1 ! -i lo -p tcp --dport 443 --syn -m addrtype --dst-type LOCAL
+//	                    -m comment --comment acme-alpn-proxy -j ACCEPT
+//
+// (The nat ACCEPT keeps Docker's DNAT, later in the same chain, off the
+// connections TPROXY took; see intercept.ActionClaimNAT.)
 //
 // Rules are inserted at the head of their chain so they precede Docker's
 // and any other DNAT (NETFILTER-NOTES fact 2).
@@ -211,7 +216,7 @@ func (b *Backend) rollback(done []step) error {
 	return nil
 }
 
-// RemoveIntercept deletes every intercept rule of ours (REDIRECT, TPROXY)
+// RemoveIntercept deletes every intercept rule of ours (REDIRECT, TPROXY, nat ACCEPT)
 // in both families and keeps the guards, so no new connection reaches the
 // proxy while established ones drain.
 func (b *Backend) RemoveIntercept() error {

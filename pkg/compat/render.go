@@ -222,7 +222,7 @@ func hasOurComment(tokens []string) bool {
 }
 
 // roleOf classifies one of our rules by its target: DROP is the guard,
-// anything that takes connections (REDIRECT, TPROXY, DNAT) intercepts.
+// anything that takes connections (REDIRECT, TPROXY, nat ACCEPT) intercepts.
 func roleOf(tokens []string) intercept.Role {
 	for i := 0; i+1 < len(tokens); i++ {
 		if tokens[i] == "-j" || tokens[i] == "--jump" {
