@@ -5,11 +5,13 @@
 # every peer, rep 2: every peer, ...) so a noisy neighbour hits all peers
 # alike; each cell is the median over the repetitions with min–max.
 #
-# usage: test/bench/run.sh            # benchmark table, then strace tables
+# usage: test/bench/run.sh            # benchmark table, strace tables, CPU profile
 #        test/bench/run.sh strace     # strace tables only
+#        test/bench/run.sh profile    # CPU profile of acme-alpn-proxy's connection path only
 # env:   REPS=3 DURATION=3s IDLE_CONNS=5000 CPS_CONCURRENCY=32 BASE_PORT=24100
 #        PEERS="direct naive-io.Copy acme-alpn-proxy haproxy nginx"  (also: sslh; sslh-select is select()-based, so keep IDLE_CONNS < 500 for it)
 #        STRACE_PEERS="acme-alpn-proxy haproxy"   STRACE=0 skips the strace tables
+#        PROFILE=0 skips the CPU profile (acme-alpn-proxy -cpuprofile, during a cps run)
 #        ACME_ALPN_PROXY=path  (default: built from this checkout)
 # Needs root only to apt-get install missing peers (haproxy, nginx with the
 # stream module, strace). Traffic goes to 127.0.0.1 only. Results (JSON lines,
@@ -24,6 +26,7 @@ CPS_CONCURRENCY=${CPS_CONCURRENCY:-32}
 BASE_PORT=${BASE_PORT:-24100}
 PEERS=${PEERS:-"direct naive-io.Copy acme-alpn-proxy haproxy nginx"}
 STRACE=${STRACE:-1}
+PROFILE=${PROFILE:-1}
 STRACE_PEERS=${STRACE_PEERS:-"acme-alpn-proxy haproxy"}
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -157,7 +160,7 @@ start_peer() {
 	acme-alpn-proxy)
 		"$AAP" -no-redirect -listen "$ADDR" -alpn 127.0.0.1:$ACME_PORT -fallback 127.0.0.1:$WEB_PORT \
 			-log "$WORK/acme-alpn-proxy.log" -pidfile "$WORK/acme-alpn-proxy.pid" -drain-timeout 5s \
-			start 2>>"$WORK/acme-alpn-proxy.stderr.log" &
+			${CPUPROFILE:+-cpuprofile "$CPUPROFILE"} start 2>>"$WORK/acme-alpn-proxy.stderr.log" &
 		;;
 	haproxy)
 		cat >"$WORK/haproxy.cfg" <<EOF
@@ -311,6 +314,27 @@ strace_peer() {
 		"down $(grep -o '"gbps":[0-9.]*' "$WORK/strace-down.json" | cut -c8-12 || echo '?') Gbit/s)"
 }
 
+# profile_peer: CPU profile of acme-alpn-proxy while the cps client runs
+# (connect, ClientHello, sniff, route, dial, relay 1 byte, close).
+profile_peer() {
+	PEER=acme-alpn-proxy REP=0
+	CPUPROFILE=$OUT/cpu-acme-alpn-proxy-$STAMP.prof
+	start_peer "$PEER" || { echo "acme-alpn-proxy did not start"; CPUPROFILE=""; return; }
+	CPUPROFILE=""
+	local prof=$OUT/cpu-acme-alpn-proxy-$STAMP.prof res
+	res=$("$LG" cps -addr "$ADDR" -concurrency "$CPS_CONCURRENCY" -duration 5s 2>&1 || true)
+	stop_peer # the profile is written at stop
+	echo
+	echo "### CPU profile of acme-alpn-proxy, connection path (cps @$CPS_CONCURRENCY for 5 s)"
+	echo
+	echo "$res"
+	echo
+	echo '```'
+	(cd "$ROOT" && go tool pprof -top -cum -nodecount=35 "$AAP" "$prof" 2>&1 | sed -n "1,45p") || true
+	echo '```'
+	echo "(profile kept in test/bench/out/$(basename "$prof"); go tool pprof -http=: to browse)"
+}
+
 # --- main ---
 command -v ss >/dev/null || apt_install iproute2
 LG=$WORK/loadgen
@@ -319,7 +343,9 @@ LG=$WORK/loadgen
 declare -A UNAVAILABLE=()
 WANTED=$PEERS
 [ "$MODE" = strace ] && WANTED=$STRACE_PEERS
+[ "$MODE" = profile ] && WANTED=acme-alpn-proxy
 [ "$MODE" = bench ] && [ "$STRACE" != 0 ] && WANTED="$PEERS $STRACE_PEERS"
+[ "$MODE" = bench ] && [ "$PROFILE" != 0 ] && WANTED="$WANTED acme-alpn-proxy"
 for PEER in $(echo "$WANTED" | tr ' ' '\n' | awk '!seen[$0]++'); do
 	if reason=$(prepare "$PEER"); then :; else UNAVAILABLE[$PEER]=$reason; fi
 done
@@ -362,7 +388,7 @@ if [ "$MODE" = bench ]; then
 		"$LG" report -in "$RESULTS"
 	} | tee "$OUT/table-$STAMP.md"
 fi
-if [ "$MODE" = strace ] || [ "$STRACE" != 0 ]; then
+if [ "$MODE" = strace ] || { [ "$MODE" = bench ] && [ "$STRACE" != 0 ]; }; then
 	if command -v strace >/dev/null || apt_install strace; then
 		for PEER in $STRACE_PEERS; do
 			if [ -n "${UNAVAILABLE[$PEER]:-}" ]; then
@@ -373,5 +399,12 @@ if [ "$MODE" = strace ] || [ "$STRACE" != 0 ]; then
 		done | tee "$OUT/strace-$STAMP.md"
 	else
 		log "strace not installable"
+	fi
+fi
+if [ "$MODE" = profile ] || { [ "$MODE" = bench ] && [ "$PROFILE" != 0 ]; }; then
+	if [ -n "${UNAVAILABLE[acme-alpn-proxy]:-}" ]; then
+		echo "CPU profile: acme-alpn-proxy ${UNAVAILABLE[acme-alpn-proxy]}"
+	else
+		profile_peer | tee "$OUT/profile-$STAMP.md"
 	fi
 fi
