@@ -30,6 +30,7 @@ import (
 	"net/netip"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -58,9 +59,18 @@ type Result struct {
 }
 
 // Dial connects to the backend over TCP, giving up after timeout.
+//
+// It does not use (*net.Dialer).DialTCP: that turns the zero local address
+// into an explicit bind to port 0, which fails with EADDRINUSE once
+// TIME_WAIT sockets fill the ephemeral range, where connect(2) alone would
+// still find a free 4-tuple.
 func Dial(ctx context.Context, addr netip.AddrPort, timeout time.Duration) (*net.TCPConn, error) {
 	d := net.Dialer{Timeout: timeout}
-	return d.DialTCP(ctx, "tcp", netip.AddrPort{}, addr)
+	c, err := d.DialContext(ctx, "tcp", addr.String())
+	if err != nil {
+		return nil, err
+	}
+	return c.(*net.TCPConn), nil
 }
 
 // Proxy dials backend and relays client to it (see Relay). If the dial
@@ -94,30 +104,43 @@ func Proxy(ctx context.Context, client *net.TCPConn, backend netip.AddrPort, hel
 // source meanwhile: if that source resets, the relay ends when the
 // stalled peer reads again or goes away, as with a peer that idles.
 func Relay(ctx context.Context, client, backend *net.TCPConn, hello []byte) Result {
-	start := time.Now()
-	r := &relay{client: client, backend: backend}
+	ch := make(chan Result, 1)
+	Start(ctx, client, backend, hello, func(res Result) { ch <- res })
+	return <-ch
+}
+
+// Start is Relay in the background: it returns at once, and done is called
+// once, on a relay goroutine, when both directions have ended and both
+// conns are closed. Both directions run on fresh goroutines, so an idle
+// connection costs two small parked stacks and nothing of the caller's.
+func Start(ctx context.Context, client, backend *net.TCPConn, hello []byte, done func(Result)) {
+	r := &relay{client: client, backend: backend, begin: time.Now(), done: done}
 	client.SetDeadline(time.Time{})
 	backend.SetDeadline(time.Time{})
-
 	if ctx.Done() != nil {
-		stop := context.AfterFunc(ctx, func() {
+		r.stopCancel = context.AfterFunc(ctx, func() {
 			r.note(EndCanceled, ctx.Err())
 			r.abort()
 		})
-		defer stop()
 	}
-
-	var hellod int64
-	err := r.start(hello, &hellod)
-	if err == nil {
-		r.wg.Go(r.pumpDown)
-		r.pumpUp()
-		r.wg.Wait()
+	if err := r.start(hello, &r.hellod); err != nil {
+		r.finish()
+		return
 	}
-	client.Close()
-	backend.Close()
+	r.running.Store(2)
+	go r.pumpDown()
+	go r.pumpUp()
+}
 
-	res := Result{Up: hellod, Duration: time.Since(start)}
+// finish runs once, after the last direction: it closes both conns and
+// reports.
+func (r *relay) finish() {
+	if r.stopCancel != nil {
+		r.stopCancel()
+	}
+	r.client.Close()
+	r.backend.Close()
+	res := Result{Up: r.hellod, Duration: time.Since(r.begin)}
 	if r.up != nil {
 		res.Up += r.up.bytes()
 		res.Down = r.down.bytes()
@@ -125,13 +148,17 @@ func Relay(ctx context.Context, client, backend *net.TCPConn, hello []byte) Resu
 	r.mu.Lock()
 	res.End, res.Err = r.end, r.err
 	r.mu.Unlock()
-	return res
+	r.done(res)
 }
 
 type relay struct {
 	client, backend *net.TCPConn
 	up, down        *direction
-	wg              sync.WaitGroup
+	begin           time.Time
+	hellod          int64
+	running         atomic.Int32 // directions still moving bytes
+	stopCancel      func() bool
+	done            func(Result)
 
 	mu      sync.Mutex
 	end     string
@@ -175,6 +202,11 @@ func (r *relay) pumpUp()   { r.pump(r.up, r.backend, clientSide, backendSide) }
 func (r *relay) pumpDown() { r.pump(r.down, r.client, backendSide, clientSide) }
 
 func (r *relay) pump(d *direction, dst *net.TCPConn, src, dstSide side) {
+	defer func() {
+		if r.running.Add(-1) == 0 {
+			r.finish()
+		}
+	}()
 	readErr, writeErr := d.run()
 	switch {
 	case readErr != nil:
