@@ -18,12 +18,12 @@ import (
 // proxy accepts intercepted connections and routes each by its ClientHello.
 type proxy struct {
 	log          *slog.Logger
-	alpn         string // ACME responder
-	fallback     string // web server; "" = original destination
-	port         uint16 // the web server's port, for the original destination
+	alpn         netip.AddrPort // ACME responder
+	fallback     netip.AddrPort // web server; invalid = original destination
+	port         uint16         // the web server's port, for the original destination
 	listenPort   uint16
 	helloTimeout time.Duration
-	dialer       net.Dialer
+	dialTimeout  time.Duration
 
 	mu     sync.Mutex
 	conns  map[*net.TCPConn]struct{} // in flight, for the forced end of a drain
@@ -112,58 +112,57 @@ func (p *proxy) drain(ctx context.Context) int {
 }
 
 // handle serves one connection: read the ClientHello, pick the backend,
-// send it the hello bytes, then relay until both directions end.
+// dial it, and hand both conns to the relay, which sends the hello bytes
+// first. handle then returns: the relay's own goroutines carry the
+// connection, so an idle one does not keep this (dial-grown) stack alive.
 func (p *proxy) handle(c *net.TCPConn) {
-	defer p.untrack(c)
 	start := time.Now()
-
 	c.SetReadDeadline(start.Add(p.helloTimeout))
 	hello, err := sniff.Read(c)
 	// What the log line needs is copied out so the hello's buffer goes back
 	// to the pool before the (possibly long, idle) relay.
-	line := connLine{start: start, client: c.RemoteAddr().String(), sni: hello.ServerName,
+	line := &connLine{start: start, client: c.RemoteAddr().(*net.TCPAddr).AddrPort(), sni: hello.ServerName,
 		alpn: strings.Join(hello.ALPN, ","), hello: hello.Kind, route: "none"}
-	defer func() { line.log(p.log) }()
+	defer hello.Release()
 
 	// A client that half-closed mid-hello still gets the web server's
 	// answer, as it would have without us; a stalled or reset one is cut.
 	if err != nil && !(errors.Is(err, io.ErrUnexpectedEOF) && len(hello.Raw) > 0) {
 		c.Close()
-		line.res = relay.Result{Up: int64(len(hello.Raw)), End: helloEnd(err), Err: err}
-		hello.Release()
+		p.finish(c, line, relay.Result{Up: int64(len(hello.Raw)), End: helloEnd(err), Err: err})
 		return
 	}
 
 	line.route, line.backend = "fallback", p.fallback
 	if hello.Kind == sniff.Complete && hello.OffersACME() {
 		line.route, line.backend = "acme", p.alpn
-	} else if line.backend == "" {
-		line.backend = p.originalDst(c).String()
+	} else if !line.backend.IsValid() {
+		line.backend = p.originalDst(c)
 	}
-	bc, err := p.dialer.Dial("tcp", line.backend)
-	if err == nil {
-		_, err = bc.Write(hello.Raw)
-	}
-	sent := int64(len(hello.Raw))
-	hello.Release()
+	bc, err := relay.Dial(context.Background(), line.backend, p.dialTimeout)
 	if err != nil {
 		c.Close()
-		if bc != nil {
-			bc.Close()
-		}
-		line.res = relay.Result{End: relay.EndDialFailed, Err: err}
+		p.finish(c, line, relay.Result{End: relay.EndDialFailed, Err: err})
 		return
 	}
-	line.res = relay.Relay(context.Background(), c, bc.(*net.TCPConn), nil)
-	line.res.Up += sent
+	relay.Start(context.Background(), c, bc, hello.Raw, func(res relay.Result) { p.finish(c, line, res) })
+}
+
+// finish logs the connection's line and stops tracking it.
+func (p *proxy) finish(c *net.TCPConn, line *connLine, res relay.Result) {
+	line.res = res
+	line.log(p.log)
+	p.untrack(c)
 }
 
 // connLine is the one log line of a connection.
 type connLine struct {
-	start                             time.Time
-	client, sni, alpn, route, backend string
-	hello                             sniff.Kind
-	res                               relay.Result
+	start           time.Time
+	client, backend netip.AddrPort
+	sni, alpn       string
+	route           string
+	hello           sniff.Kind
+	res             relay.Result
 }
 
 func (l *connLine) log(log *slog.Logger) {
@@ -173,11 +172,11 @@ func (l *connLine) log(log *slog.Logger) {
 	}
 	attrs := make([]slog.Attr, 0, 12)
 	attrs = append(attrs,
-		slog.String("client", l.client),
+		slog.String("client", l.client.String()),
 		slog.String("sni", l.sni),
 		slog.String("alpn", l.alpn),
 		slog.String("route", l.route),
-		slog.String("backend", l.backend),
+		slog.String("backend", backendName(l.backend)),
 		slog.Int64("up", l.res.Up),
 		slog.Int64("down", l.res.Down),
 		slog.Duration("dur", time.Since(l.start)),
@@ -204,6 +203,13 @@ func (p *proxy) originalDst(c *net.TCPConn) netip.AddrPort {
 		}
 	}
 	return netip.AddrPortFrom(addr.Unmap(), p.port)
+}
+
+func backendName(a netip.AddrPort) string {
+	if !a.IsValid() {
+		return ""
+	}
+	return a.String()
 }
 
 func helloEnd(err error) string {

@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"strings"
 	"sync"
 	"testing"
@@ -68,9 +69,10 @@ func startTestProxy(t *testing.T, alpn, fallback string, helloTimeout time.Durat
 	}
 	logs := &lockedBuffer{}
 	p := &proxy{
-		log: slog.New(slog.NewTextHandler(logs, nil)), alpn: alpn, fallback: fallback,
+		log:  slog.New(slog.NewTextHandler(logs, nil)),
+		alpn: netip.MustParseAddrPort(alpn), fallback: netip.MustParseAddrPort(fallback),
 		port: 443, listenPort: uint16(ln.Addr().(*net.TCPAddr).Port), helloTimeout: helloTimeout,
-		dialer: net.Dialer{Timeout: time.Second},
+		dialTimeout: time.Second,
 	}
 	go p.serve(ln.(*net.TCPListener))
 	t.Cleanup(func() {

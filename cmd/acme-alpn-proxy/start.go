@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"os/signal"
 	"runtime/pprof"
@@ -99,8 +100,17 @@ func startInstance(cfg config, log *slog.Logger, lock *pidLock) (in *instance, e
 		return in, err
 	}
 	in.p = &proxy{
-		log: log, alpn: cfg.alpn, fallback: cfg.fallback, port: cfg.port, listenPort: cfg.listenPort,
-		helloTimeout: cfg.helloTimeout, dialer: net.Dialer{Timeout: cfg.dialTimeout},
+		log: log, port: cfg.port, listenPort: cfg.listenPort,
+		helloTimeout: cfg.helloTimeout, dialTimeout: cfg.dialTimeout,
+	}
+	// Names are resolved once, here, not per connection.
+	if in.p.alpn, err = resolve("-alpn", cfg.alpn); err != nil {
+		return in, err
+	}
+	if cfg.fallback != "" {
+		if in.p.fallback, err = resolve("-fallback", cfg.fallback); err != nil {
+			return in, err
+		}
 	}
 	// Serve before intercepting: no intercepted connection may find the
 	// listener not yet accepting.
@@ -152,6 +162,15 @@ func startCPUProfile(path string, log *slog.Logger) (stop func()) {
 		return func() {}
 	}
 	return func() { pprof.StopCPUProfile(); f.Close() }
+}
+
+func resolve(flagName, hostport string) (netip.AddrPort, error) {
+	a, err := net.ResolveTCPAddr("tcp", hostport)
+	if err != nil {
+		return netip.AddrPort{}, fmt.Errorf("%s %s: %v", flagName, hostport, err)
+	}
+	ap := a.AddrPort()
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), nil
 }
 
 func fallbackName(cfg config) string {
