@@ -180,20 +180,14 @@ func fallbackName(cfg config) string {
 	return fmt.Sprintf("original destination, port %d", cfg.port)
 }
 
+// acceptGrace is how long the listener keeps accepting after the
+// interception is removed: a round trip for handshakes already under way.
+const acceptGrace = time.Second
+
 // shutdown removes the interception first, so new connections go straight
 // to the web server, then stops accepting, drains in-flight connections
 // (until -drain-timeout, or a second signal on force), and removes the rest.
 func (in *instance) shutdown(force <-chan os.Signal) {
-	if in.ic != nil {
-		if err := in.ic.RemoveIntercept(); err != nil {
-			in.log.Error("removing interception failed; removing all rules", "err", err)
-			in.ic.Remove()
-		} else {
-			in.log.Info("interception removed; new connections go to the web server")
-		}
-	}
-	in.ls.Close()
-	n := in.p.inFlight()
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), in.cfg.drainTimeout)
 	defer cancel()
@@ -205,6 +199,23 @@ func (in *instance) shutdown(force <-chan os.Signal) {
 		case <-ctx.Done():
 		}
 	}()
+	if in.ic != nil {
+		if err := in.ic.RemoveIntercept(); err != nil {
+			in.log.Error("removing interception failed; removing all rules", "err", err)
+			in.ic.Remove()
+		} else {
+			in.log.Info("interception removed; new connections go to the web server")
+		}
+		// A SYN intercepted just before the removal completes its
+		// handshake one round trip later; closing the listener before it
+		// is accepted would reset that client. New SYNs no longer come.
+		select {
+		case <-time.After(acceptGrace):
+		case <-ctx.Done():
+		}
+	}
+	in.ls.Close()
+	n := in.p.inFlight()
 	if n > 0 {
 		in.log.Info("draining", "in_flight", n, "timeout", in.cfg.drainTimeout)
 	}
