@@ -48,9 +48,14 @@ func listenAll(ctx context.Context, addr string, transparent, wantV6 bool) (*lis
 	}
 	ls := &listenSet{}
 	for _, w := range wants {
-		lc := net.ListenConfig{Control: func(network, address string, c syscall.RawConn) error {
-			return controlListener(c, w.family, transparent)
-		}}
+		lc := net.ListenConfig{
+			// No TCP keepalive on proxied connections (4 setsockopts each):
+			// liveness is the peers' business, as with HAProxy and nginx.
+			KeepAlive: -1,
+			Control: func(network, address string, c syscall.RawConn) error {
+				return controlListener(c, w.family, transparent)
+			},
+		}
 		ln, err := lc.Listen(ctx, w.network, w.addr)
 		if err != nil {
 			if w.family == intercept.IPv6 && host == "" && errors.Is(err, unix.EAFNOSUPPORT) {

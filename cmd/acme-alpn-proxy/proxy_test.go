@@ -72,7 +72,7 @@ func startTestProxy(t *testing.T, alpn, fallback string, helloTimeout time.Durat
 		log:  slog.New(slog.NewTextHandler(logs, nil)),
 		alpn: netip.MustParseAddrPort(alpn), fallback: netip.MustParseAddrPort(fallback),
 		port: 443, listenPort: uint16(ln.Addr().(*net.TCPAddr).Port), helloTimeout: helloTimeout,
-		dialTimeout: time.Second,
+		dialTimeout: time.Second, idle: make(chan *net.TCPConn),
 	}
 	go p.serve(ln.(*net.TCPListener))
 	t.Cleanup(func() {

@@ -102,6 +102,7 @@ func startInstance(cfg config, log *slog.Logger, lock *pidLock) (in *instance, e
 	in.p = &proxy{
 		log: log, port: cfg.port, listenPort: cfg.listenPort,
 		helloTimeout: cfg.helloTimeout, dialTimeout: cfg.dialTimeout,
+		idle: make(chan *net.TCPConn),
 	}
 	// Names are resolved once, here, not per connection.
 	if in.p.alpn, err = resolve("-alpn", cfg.alpn); err != nil {

@@ -65,7 +65,9 @@ type Result struct {
 // TIME_WAIT sockets fill the ephemeral range, where connect(2) alone would
 // still find a free 4-tuple.
 func Dial(ctx context.Context, addr netip.AddrPort, timeout time.Duration) (*net.TCPConn, error) {
-	d := net.Dialer{Timeout: timeout}
+	// No keepalive: the backend is this host or near it, and the relay
+	// ends when either peer goes; it would cost four setsockopts a dial.
+	d := net.Dialer{Timeout: timeout, KeepAlive: -1}
 	c, err := d.DialContext(ctx, "tcp", addr.String())
 	if err != nil {
 		return nil, err
