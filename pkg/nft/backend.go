@@ -42,8 +42,6 @@ type Backend struct {
 	logf   func(format string, args ...any)
 	closed bool
 
-	lastFD int // a duplicate of conn's socket, closed last at exit; -1 if none
-
 	ownerUnsupported bool // learned from the kernel; never retried
 	owner            bool
 	installed        []intercept.Family
@@ -57,35 +55,7 @@ func Open(opts Options) (*Backend, error) {
 	if err != nil {
 		return nil, err
 	}
-	b := newBackend(c, opts)
-	b.lastFD = dupLast(c)
-	return b, nil
-}
-
-// dupLast duplicates the socket to a descriptor number above any the process
-// is likely to use. At exit (kill -9 included) the kernel closes descriptors
-// in ascending order and releases the socket — deleting the owner tables —
-// only with its last descriptor. So the listener and every proxied
-// connection are closed, and their resets sent through the reverse NAT,
-// while the tables still exist; otherwise a connection redirected just
-// before the kill can lose its reverse NAT and hang instead of being reset.
-func dupLast(c *netlink.Conn) int {
-	var lim unix.Rlimit
-	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err != nil || lim.Cur < 64 {
-		return -1
-	}
-	high := min(lim.Cur-1, 1<<16-1) // 64 Ki descriptors: a small fd table
-	rc, err := c.SyscallConn()
-	if err != nil {
-		return -1
-	}
-	fd := -1
-	rc.Control(func(s uintptr) {
-		if d, err := unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, int(high)); err == nil {
-			fd = d
-		}
-	})
-	return fd
+	return newBackend(c, opts), nil
 }
 
 func newBackend(c nlConn, opts Options) *Backend {
@@ -93,7 +63,7 @@ func newBackend(c nlConn, opts Options) *Backend {
 	if logf == nil {
 		logf = func(string, ...any) {}
 	}
-	return &Backend{conn: c, logf: logf, lastFD: -1}
+	return &Backend{conn: c, logf: logf}
 }
 
 // dial opens a NETLINK_NETFILTER socket. It binds the port id to our PID
@@ -335,9 +305,5 @@ func (b *Backend) Close() error {
 	}
 	b.closed = true
 	b.installed, b.rules, b.owner = nil, nil, false
-	if b.lastFD >= 0 {
-		unix.Close(b.lastFD)
-		b.lastFD = -1
-	}
 	return b.conn.Close()
 }
