@@ -6,7 +6,6 @@ import (
 	"io"
 	"os"
 	"os/exec"
-	"os/signal"
 	"syscall"
 )
 
@@ -20,24 +19,13 @@ func runWrapped(cfg config, argv []string, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "acme-alpn-proxy: %v (run needs the proxy to itself: stop the other instance first)\n", err)
 		return exitFailure
 	}
-	log, logFile, err := openLog(cfg, stderr, false)
+	l, err := launch(cfg, lock, stderr)
 	if err != nil {
-		lock.release()
 		fmt.Fprintf(stderr, "acme-alpn-proxy: %v\n", err)
 		return exitFailure
 	}
-	defer logFile.Close()
-
-	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
-	defer signal.Stop(sigs)
-
-	in, err := startInstance(cfg, log, lock)
-	if err != nil {
-		log.Error("start failed", "err", err)
-		fmt.Fprintf(stderr, "acme-alpn-proxy: %v\n", err)
-		return exitFailure
-	}
+	defer l.close()
+	in, log, sigs := l.in, l.log, l.sigs
 
 	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr

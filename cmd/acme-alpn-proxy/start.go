@@ -45,28 +45,14 @@ func startForeground(cfg config, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "acme-alpn-proxy: %v\n", err)
 		return exitFailure
 	}
-	log, logFile, err := openLog(cfg, stderr, false)
+	l, err := launch(cfg, lock, stderr)
 	if err != nil {
-		lock.release()
 		ready.report(err)
 		fmt.Fprintf(stderr, "acme-alpn-proxy: %v\n", err)
 		return exitFailure
 	}
-	defer logFile.Close()
-
-	// Signals are caught from here on, so a SIGTERM during start-up still
-	// removes whatever was installed.
-	sigs := make(chan os.Signal, 2)
-	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
-	defer signal.Stop(sigs)
-
-	in, err := startInstance(cfg, log, lock)
-	if err != nil {
-		log.Error("start failed", "err", err)
-		ready.report(err)
-		fmt.Fprintf(stderr, "acme-alpn-proxy: %v\n", err)
-		return exitFailure
-	}
+	defer l.close()
+	in, log, sigs := l.in, l.log, l.sigs
 	ready.report(nil)
 	if cfg.logPath == "" && !isTerminal(os.Stderr) {
 		detachStdio()
@@ -77,6 +63,38 @@ func startForeground(cfg config, stdout, stderr io.Writer) int {
 	log.Info("stopping", "signal", sig.String())
 	in.shutdown(sigs)
 	return exitOK
+}
+
+// launched is a started instance with its log and signal channel.
+type launched struct {
+	in      *instance
+	log     *slog.Logger
+	logFile io.Closer
+	sigs    chan os.Signal
+}
+
+// launch opens the log, catches SIGINT and SIGTERM — from here on a signal
+// during start-up still removes whatever was installed — and starts the
+// instance. On error the lock is released.
+func launch(cfg config, lock *pidLock, stderr io.Writer) (*launched, error) {
+	log, logFile, err := openLog(cfg, stderr, false)
+	if err != nil {
+		lock.release()
+		return nil, err
+	}
+	l := &launched{log: log, logFile: logFile, sigs: make(chan os.Signal, 4)}
+	signal.Notify(l.sigs, syscall.SIGINT, syscall.SIGTERM)
+	if l.in, err = startInstance(cfg, log, lock); err != nil {
+		log.Error("start failed", "err", err)
+		l.close()
+		return nil, err
+	}
+	return l, nil
+}
+
+func (l *launched) close() {
+	signal.Stop(l.sigs)
+	l.logFile.Close()
 }
 
 // startInstance listens, checks the web server is there, installs the
