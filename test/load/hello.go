@@ -1,40 +1,22 @@
 package main
 
 import (
-	"crypto/tls"
+	"github.com/acme-alpn-proxy/acme-alpn-proxy/internal/hellotest"
+
 	"errors"
 	"fmt"
 	"io"
-	"net"
-	"time"
 )
-
-// errHelloCaptured ends the handshake once crypto/tls has written its hello.
-var errHelloCaptured = errors.New("hello captured")
-
-// captureConn records what crypto/tls writes and fails every read.
-type captureConn struct {
-	net.Conn
-	out []byte
-}
-
-func (c *captureConn) Write(p []byte) (int, error)      { c.out = append(c.out, p...); return len(p), nil }
-func (c *captureConn) Read([]byte) (int, error)         { return 0, errHelloCaptured }
-func (c *captureConn) Close() error                     { return nil }
-func (c *captureConn) SetDeadline(time.Time) error      { return nil }
-func (c *captureConn) SetReadDeadline(time.Time) error  { return nil }
-func (c *captureConn) SetWriteDeadline(time.Time) error { return nil }
 
 // clientHello returns the record bytes of a real crypto/tls ClientHello
 // (with Go's default post-quantum key share, ~1.5 KB), so the proxy parses
 // what real clients send.
 func clientHello(serverName string, alpn []string) []byte {
-	c := &captureConn{}
-	tc := tls.Client(c, &tls.Config{ServerName: serverName, NextProtos: alpn})
-	if err := tc.Handshake(); err == nil || len(c.out) == 0 {
-		panic(fmt.Sprintf("capturing ClientHello: %v", err))
+	b, err := hellotest.For(serverName, alpn)
+	if err != nil {
+		panic(err)
 	}
-	return c.out
+	return b
 }
 
 const (

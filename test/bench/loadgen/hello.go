@@ -1,45 +1,19 @@
 package main
 
 import (
-	"crypto/tls"
+	"github.com/acme-alpn-proxy/acme-alpn-proxy/internal/hellotest"
+
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
-	"net"
-	"time"
 )
-
-// errHelloCaptured stops the TLS handshake once the ClientHello is written.
-var errHelloCaptured = errors.New("hello captured")
-
-// captureConn records what crypto/tls writes and fails every read, so
-// Handshake returns right after sending the ClientHello.
-type captureConn struct {
-	net.Conn
-	out []byte
-}
-
-func (c *captureConn) Write(p []byte) (int, error) {
-	c.out = append(c.out, p...)
-	return len(p), nil
-}
-func (c *captureConn) Read([]byte) (int, error)         { return 0, errHelloCaptured }
-func (c *captureConn) Close() error                     { return nil }
-func (c *captureConn) SetDeadline(time.Time) error      { return nil }
-func (c *captureConn) SetReadDeadline(time.Time) error  { return nil }
-func (c *captureConn) SetWriteDeadline(time.Time) error { return nil }
 
 // clientHello returns the record bytes of a real crypto/tls ClientHello
 // offering the given ALPN protocols, so proxies parse what browsers and ACME
 // servers send rather than a hand-made minimal hello.
 func clientHello(serverName string, alpn []string) ([]byte, error) {
-	c := &captureConn{}
-	tc := tls.Client(c, &tls.Config{ServerName: serverName, NextProtos: alpn})
-	if err := tc.Handshake(); err == nil || len(c.out) == 0 {
-		return nil, fmt.Errorf("capturing ClientHello: %v", err)
-	}
-	return c.out, nil
+	return hellotest.For(serverName, alpn)
 }
 
 // maxHelloBytes bounds how much a reader accepts as a ClientHello.
