@@ -1,11 +1,11 @@
 package main
 
 import (
-	"github.com/acme-alpn-proxy/acme-alpn-proxy/internal/hellotest"
-
 	"errors"
 	"fmt"
 	"io"
+
+	"github.com/acme-alpn-proxy/acme-alpn-proxy/internal/hellotest"
 )
 
 // clientHello returns the record bytes of a real crypto/tls ClientHello

@@ -1,12 +1,12 @@
 package main
 
 import (
-	"github.com/acme-alpn-proxy/acme-alpn-proxy/internal/hellotest"
-
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
+
+	"github.com/acme-alpn-proxy/acme-alpn-proxy/internal/hellotest"
 )
 
 // clientHello returns the record bytes of a real crypto/tls ClientHello
