@@ -33,30 +33,6 @@ func TestPercentileNearestRank(t *testing.T) {
 	}
 }
 
-func TestParseStatCPUCommWithSpacesAndParens(t *testing.T) {
-	stat := []byte("1234 (acme (x) y) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 37 0 0 20 0 7 0 100 1000000 500")
-	got, err := parseStatCPU(stat)
-	if err != nil || got != 287 {
-		t.Fatalf("got %d, %v; want 287", got, err)
-	}
-	if _, err := parseStatCPU([]byte("1234 (x) S 1")); err == nil {
-		t.Error("short stat accepted")
-	}
-}
-
-func TestKibField(t *testing.T) {
-	status := []byte("Name:\tx\nVmRSS:\t   6320 kB\nThreads:\t7\n")
-	if v, err := kibField(status, "VmRSS:"); err != nil || v != 6320 {
-		t.Errorf("VmRSS = %d, %v", v, err)
-	}
-	if v, err := kibField(status, "Threads:"); err != nil || v != 7 {
-		t.Errorf("Threads = %d, %v", v, err)
-	}
-	if _, err := kibField(status, "Pss:"); err == nil {
-		t.Error("missing field found")
-	}
-}
-
 func TestSampleProcOfThisProcess(t *testing.T) {
 	f, err := os.Open(os.DevNull)
 	if err != nil {

@@ -1,17 +1,14 @@
 package main
 
 import (
-	"bytes"
 	"fmt"
 	"os"
 	"strconv"
 	"strings"
 	"time"
-)
 
-// userHZ is the unit of utime/stime in /proc/PID/stat (fixed at 100 for
-// user space).
-const userHZ = 100
+	"github.com/acme-alpn-proxy/acme-alpn-proxy/internal/procstat"
+)
 
 // procSample is what the kernel shows about a process from outside.
 type procSample struct {
@@ -28,17 +25,17 @@ func sampleProc(pid int) (procSample, error) {
 	if err != nil {
 		return s, err
 	}
-	if s.cpuTicks, err = parseStatCPU(stat); err != nil {
+	if s.cpuTicks, err = procstat.CPUTicks(stat); err != nil {
 		return s, err
 	}
 	status, err := os.ReadFile(base + "status")
 	if err != nil {
 		return s, err
 	}
-	if s.rssKiB, err = kibField(status, "VmRSS:"); err != nil {
+	if s.rssKiB, err = procstat.Field(status, "VmRSS:"); err != nil {
 		return s, err
 	}
-	threads, err := kibField(status, "Threads:")
+	threads, err := procstat.Field(status, "Threads:")
 	if err != nil {
 		return s, err
 	}
@@ -47,7 +44,7 @@ func sampleProc(pid int) (procSample, error) {
 	if err != nil {
 		return s, err
 	}
-	if s.pssKiB, err = kibField(rollup, "Pss:"); err != nil {
+	if s.pssKiB, err = procstat.Field(rollup, "Pss:"); err != nil {
 		return s, err
 	}
 	fds, err := os.ReadDir(base + "fd")
@@ -66,41 +63,6 @@ func sampleProc(pid int) (procSample, error) {
 	return s, nil
 }
 
-// parseStatCPU returns utime+stime from a /proc/PID/stat line. The command
-// name may hold spaces and parentheses, so fields count from the last ')'.
-func parseStatCPU(stat []byte) (int64, error) {
-	i := bytes.LastIndexByte(stat, ')')
-	if i < 0 {
-		return 0, fmt.Errorf("malformed stat")
-	}
-	f := strings.Fields(string(stat[i+1:]))
-	// After ')': state(3) ... utime(14) stime(15), i.e. indexes 11 and 12.
-	if len(f) < 13 {
-		return 0, fmt.Errorf("stat has %d fields after comm", len(f))
-	}
-	u, err1 := strconv.ParseInt(f[11], 10, 64)
-	s, err2 := strconv.ParseInt(f[12], 10, 64)
-	if err1 != nil || err2 != nil {
-		return 0, fmt.Errorf("stat utime/stime: %q %q", f[11], f[12])
-	}
-	return u + s, nil
-}
-
-// kibField returns the number after a "Name:" line of a /proc key-value
-// file (status, smaps_rollup); for sizes it is in KiB.
-func kibField(b []byte, name string) (int64, error) {
-	for line := range strings.Lines(string(b)) {
-		if rest, ok := strings.CutPrefix(line, name); ok {
-			f := strings.Fields(rest)
-			if len(f) == 0 {
-				break
-			}
-			return strconv.ParseInt(f[0], 10, 64)
-		}
-	}
-	return 0, fmt.Errorf("no %s field", name)
-}
-
 // cpuPercent measures a process's CPU use over d (100% = one core).
 func cpuPercent(pid int, d time.Duration) (float64, error) {
 	a, err := sampleProc(pid)
@@ -113,7 +75,7 @@ func cpuPercent(pid int, d time.Duration) (float64, error) {
 	if err != nil {
 		return 0, err
 	}
-	secs := float64(b.cpuTicks-a.cpuTicks) / userHZ
+	secs := float64(b.cpuTicks-a.cpuTicks) / procstat.UserHZ
 	return 100 * secs / time.Since(start).Seconds(), nil
 }
 

@@ -14,6 +14,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/acme-alpn-proxy/acme-alpn-proxy/internal/procstat"
 )
 
 // Result is one JSON line of a client mode; report aggregates them. Pointer
@@ -197,7 +199,7 @@ func runBulk(args []string) error {
 		res.Seconds = last.Sub(start).Seconds()
 		res.Gbps = float64(res.Bytes) * 8 / res.Seconds / 1e9
 		if len(pids) > 0 {
-			cpu := float64(after.cpuTicks-before.cpuTicks) / userHZ
+			cpu := float64(after.cpuTicks-before.cpuTicks) / procstat.UserHZ
 			res.CPUSec = &cpu
 		}
 	}
