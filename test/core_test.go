@@ -571,29 +571,7 @@ func TestZeroDowntime(t *testing.T) {
 	forEachVariant(t, func(t *testing.T, v Variant) {
 		s := NewSite(t)
 		p := s.NewProxy(t, v)
-		load := StartLoad(t, s.Cli, rate, "web",
-			LoadTarget{Addr: s.ServerAddr(IPv4, 443), ALPN: []string{"h2"}},
-			LoadTarget{Addr: s.ServerAddr(IPv6, 443)},
-			LoadTarget{Addr: s.ServerAddr(IPv4, 443)},
-			LoadTarget{Addr: s.ServerAddr(IPv6, 443), ALPN: []string{"h2"}},
-		)
-		time.Sleep(300 * time.Millisecond)
-		for range cycles {
-			p.Start()
-			time.Sleep(600 * time.Millisecond)
-			p.Stop()
-			time.Sleep(300 * time.Millisecond)
-		}
-		r := load.Stop()
-		t.Logf("%d requests in %v, %d failed, %d over 1 s, slowest %v; by peer %v",
-			r.Requests, r.Duration.Round(time.Millisecond), r.Failures, r.Slow, r.MaxLatency.Round(time.Millisecond), r.ByPeer)
-		if r.Failures > 0 {
-			t.Errorf("%d of %d requests failed across %d start/stop cycles; first failures:\n%s",
-				r.Failures, r.Requests, cycles, strings.Join(r.Reasons, "\n"))
-		}
-		if got := float64(r.Requests) / r.Duration.Seconds(); got < 50 {
-			t.Errorf("load generator made only %.0f requests/s, want ≥ 50", got)
-		}
+		r := cycleUnderLoad(t, s, p, rate, cycles)
 		// Both paths carried load: through the proxy (the web server sees
 		// the server's own address) and directly (it sees the client).
 		for _, f := range families {
@@ -691,4 +669,35 @@ func TestReframeHandshake(t *testing.T) {
 	if _, err := reframeHandshake(in, []int{1000}); err == nil {
 		t.Error("a split leaving an empty last record was accepted")
 	}
+}
+
+// cycleUnderLoad runs a steady HTTPS load (h2 and no ALPN, both families)
+// from the client namespace while p is started and stopped cycles times,
+// and fails the test on any failed request or a load below 50 req/s.
+func cycleUnderLoad(t *testing.T, s *Site, p *Proxy, rate, cycles int) LoadReport {
+	t.Helper()
+	load := StartLoad(t, s.Cli, rate, "web",
+		LoadTarget{Addr: s.ServerAddr(IPv4, 443), ALPN: []string{"h2"}},
+		LoadTarget{Addr: s.ServerAddr(IPv6, 443)},
+		LoadTarget{Addr: s.ServerAddr(IPv4, 443)},
+		LoadTarget{Addr: s.ServerAddr(IPv6, 443), ALPN: []string{"h2"}},
+	)
+	time.Sleep(300 * time.Millisecond)
+	for range cycles {
+		p.Start()
+		time.Sleep(600 * time.Millisecond)
+		p.Stop()
+		time.Sleep(300 * time.Millisecond)
+	}
+	r := load.Stop()
+	t.Logf("%d requests in %v, %d failed, %d over 1 s, slowest %v; by peer %v",
+		r.Requests, r.Duration.Round(time.Millisecond), r.Failures, r.Slow, r.MaxLatency.Round(time.Millisecond), r.ByPeer)
+	if r.Failures > 0 {
+		t.Errorf("%d of %d requests failed across %d start/stop cycles; first failures:\n%s",
+			r.Failures, r.Requests, cycles, strings.Join(r.Reasons, "\n"))
+	}
+	if got := float64(r.Requests) / r.Duration.Seconds(); got < 50 {
+		t.Errorf("load generator made only %.0f requests/s, want ≥ 50", got)
+	}
+	return r
 }

@@ -159,29 +159,7 @@ func TestHostFirewallTProxy(t *testing.T) {
 			}
 			p.Stop()
 
-			load := StartLoad(t, s.Cli, rate, "web",
-				LoadTarget{Addr: s.ServerAddr(IPv4, 443), ALPN: []string{"h2"}},
-				LoadTarget{Addr: s.ServerAddr(IPv6, 443)},
-				LoadTarget{Addr: s.ServerAddr(IPv4, 443)},
-				LoadTarget{Addr: s.ServerAddr(IPv6, 443), ALPN: []string{"h2"}},
-			)
-			time.Sleep(300 * time.Millisecond)
-			for range cycles {
-				p.Start()
-				time.Sleep(600 * time.Millisecond)
-				p.Stop()
-				time.Sleep(300 * time.Millisecond)
-			}
-			r := load.Stop()
-			t.Logf("%d requests in %v, %d failed, slowest %v; by peer %v",
-				r.Requests, r.Duration.Round(time.Millisecond), r.Failures, r.MaxLatency.Round(time.Millisecond), r.ByPeer)
-			if r.Failures > 0 {
-				t.Errorf("%d of %d requests failed behind the firewall across %d start/stop cycles; first failures:\n%s",
-					r.Failures, r.Requests, cycles, strings.Join(r.Reasons, "\n"))
-			}
-			if got := float64(r.Requests) / r.Duration.Seconds(); got < 50 {
-				t.Errorf("load generator made only %.0f requests/s, want ≥ 50", got)
-			}
+			r := cycleUnderLoad(t, s, p, rate, cycles)
 			for _, f := range families {
 				if r.ByPeer[s.ServerAddr(f, 0).Addr()] == 0 {
 					t.Errorf("%v: no request of the load went through the proxy", f)
