@@ -139,7 +139,11 @@ func startInstance(cfg config, log *slog.Logger, lock *pidLock) (in *instance, e
 	log.Info("listening", "addr", in.ls.String(), "alpn", cfg.alpn, "fallback", fallbackName(cfg))
 
 	if cfg.noRedirect {
-		return in, in.lock.write(instanceState{pid: os.Getpid(), backend: "none", mode: "none"})
+		if err := in.lock.write(instanceState{pid: os.Getpid(), backend: "none", mode: "none"}); err != nil {
+			return in, fmt.Errorf("pid file: %w", err)
+		}
+		log.Info("ready", "backend", "none", "mode", "none", "listen", in.ls.String())
+		return in, nil
 	}
 	families := in.ls.families
 	if len(families) == 0 {
