@@ -5,16 +5,19 @@
 //
 // Idle connections are cheap: a direction waits in Go's netpoller and
 // holds no splice pipe and no buffer until its source is readable, so an
-// idle proxied connection costs its two sockets and two parked goroutines
-// (the caller's and one more; about 6.4 KiB of heap and stack in all,
-// measured by BenchmarkIdle). Pipes come from a shared pool of at most 32
-// while bytes move.
+// idle proxied connection costs its two sockets and two small parked
+// goroutines of its own (Start returns at once, so the caller's goroutine,
+// whose stack grew while it dialed, is not kept). Pipes come from a shared
+// pool of at most 32 while bytes move.
 //
 // Typical use, once the ClientHello has been read from client:
 //
-//	res := relay.Proxy(ctx, client, backendAddr, hello, 5*time.Second)
-//	log.Printf("%s -> %s up=%d down=%d dur=%s end=%q err=%v",
-//		client.RemoteAddr(), backendAddr, res.Up, res.Down, res.Duration, res.End, res.Err)
+//	backend, err := relay.Dial(ctx, backendAddr, 5*time.Second)
+//	if err != nil { ... }
+//	relay.Start(ctx, client, backend, hello, func(res relay.Result) {
+//		log.Printf("%s -> %s up=%d down=%d dur=%s end=%q err=%v",
+//			client.RemoteAddr(), backendAddr, res.Up, res.Down, res.Duration, res.End, res.Err)
+//	})
 //
 // To check that splice carries the traffic of a running proxy:
 //
