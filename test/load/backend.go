@@ -1,13 +1,13 @@
 package main
 
 import (
-	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"net"
-	"syscall"
 	"time"
+
+	"github.com/acme-alpn-proxy/acme-alpn-proxy/internal/acceptloop"
 )
 
 // Commands a client sends right after its ClientHello; they choose how the
@@ -45,7 +45,7 @@ func backendMain(args []string) error {
 		if err != nil {
 			return err
 		}
-		go func() { errc <- acceptLoop(ln, func(c net.Conn) { serveBackend(c, l.tag, *stall) }) }()
+		go func() { errc <- acceptloop.Serve(ln, func(c net.Conn) { serveBackend(c, l.tag, *stall) }) }()
 	}
 	fmt.Println("ready")
 	select {
@@ -53,22 +53,6 @@ func backendMain(args []string) error {
 		return err
 	case <-time.After(*lifetime):
 		return nil
-	}
-}
-
-// acceptLoop accepts until the listener is closed; descriptor exhaustion
-// is waited out, since the scenarios push fd limits on purpose.
-func acceptLoop(ln net.Listener, handle func(net.Conn)) error {
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			if errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) {
-				time.Sleep(10 * time.Millisecond)
-				continue
-			}
-			return err
-		}
-		go handle(c)
 	}
 }
 

@@ -10,6 +10,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/acme-alpn-proxy/acme-alpn-proxy/internal/acceptloop"
 )
 
 func TestPercentileNearestRank(t *testing.T) {
@@ -106,7 +108,7 @@ func TestBackendProtocol(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	go acceptLoop(ln, func(c net.Conn) { serveBackend(c, 'W', 50*time.Millisecond) })
+	go acceptloop.Serve(ln, func(c net.Conn) { serveBackend(c, 'W', 50*time.Millisecond) })
 	d := &net.Dialer{}
 
 	s, err := openSession(d, ln.Addr().String(), webHello, cmdEcho, 5*time.Second)

@@ -143,6 +143,17 @@ func (r *runner) loopbackProxy(name string, off, nofile int, extra ...string) (*
 	return p, addr, err
 }
 
+// warmBaseline makes one exchange through the fresh proxy p at addr, lets
+// it settle, and samples it: the baseline a scenario's growth is measured
+// from.
+func (r *runner) warmBaseline(p *proxyProc, addr string, settle time.Duration) (procSample, error) {
+	if _, err := exchange(r.dialer, addr, 5*time.Second); err != nil {
+		return procSample{}, fmt.Errorf("warm-up exchange: %w", err)
+	}
+	time.Sleep(settle)
+	return sampleProc(p.pid)
+}
+
 // parallel runs fn(0..n-1) on at most workers goroutines.
 func parallel(n, workers int, fn func(i int)) {
 	var wg sync.WaitGroup

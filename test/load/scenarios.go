@@ -21,11 +21,7 @@ func (r *runner) s1Hold() error {
 	if err != nil {
 		return err
 	}
-	if _, err := exchange(r.dialer, addr, 5*time.Second); err != nil {
-		return fmt.Errorf("warm-up exchange: %w", err)
-	}
-	time.Sleep(500 * time.Millisecond)
-	base, err := sampleProc(p.pid)
+	base, err := r.warmBaseline(p, addr, 500*time.Millisecond)
 	if err != nil {
 		return err
 	}
@@ -106,11 +102,7 @@ func (r *runner) s2FdLimit() error {
 	if err != nil {
 		return err
 	}
-	if _, err := exchange(r.dialer, addr, 5*time.Second); err != nil {
-		return fmt.Errorf("warm-up exchange: %w", err)
-	}
-	time.Sleep(300 * time.Millisecond)
-	base, err := sampleProc(p.pid)
+	base, err := r.warmBaseline(p, addr, 300*time.Millisecond)
 	if err != nil {
 		return err
 	}
@@ -242,11 +234,7 @@ func (r *runner) s3Slowloris() error {
 	if err != nil {
 		return err
 	}
-	if _, err := exchange(r.dialer, addr, 5*time.Second); err != nil {
-		return fmt.Errorf("warm-up exchange: %w", err)
-	}
-	time.Sleep(300 * time.Millisecond)
-	base, err := sampleProc(p.pid)
+	base, err := r.warmBaseline(p, addr, 300*time.Millisecond)
 	if err != nil {
 		return err
 	}
@@ -492,11 +480,7 @@ func (r *runner) s4Faults() error {
 	if err != nil {
 		return err
 	}
-	if _, err := exchange(r.dialer, addr, 5*time.Second); err != nil {
-		return fmt.Errorf("warm-up exchange: %w", err)
-	}
-	time.Sleep(300 * time.Millisecond)
-	base, err := sampleProc(p.pid)
+	base, err := r.warmBaseline(p, addr, 300*time.Millisecond)
 	if err != nil {
 		return err
 	}

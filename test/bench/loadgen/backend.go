@@ -2,14 +2,14 @@ package main
 
 import (
 	"encoding/binary"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"net"
 	"os"
-	"syscall"
 	"time"
+
+	"github.com/acme-alpn-proxy/acme-alpn-proxy/internal/acceptloop"
 )
 
 const (
@@ -33,7 +33,7 @@ func runBackend(args []string) error {
 		if err != nil {
 			return err
 		}
-		go func() { errc <- serve(ln, func(c net.Conn) { backendConn(c, tag) }) }()
+		go func() { errc <- acceptloop.Serve(ln, func(c net.Conn) { backendConn(c, tag) }) }()
 	}
 	fmt.Fprintln(os.Stderr, "backend ready")
 	select {
@@ -41,22 +41,6 @@ func runBackend(args []string) error {
 		return err
 	case <-time.After(*lifetime):
 		return nil
-	}
-}
-
-// serve accepts until the listener fails for good. Running out of
-// descriptors is transient under the idle test, so it waits and retries.
-func serve(ln net.Listener, handle func(net.Conn)) error {
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			if errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) {
-				time.Sleep(10 * time.Millisecond)
-				continue
-			}
-			return err
-		}
-		go handle(c)
 	}
 }
 

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/acme-alpn-proxy/acme-alpn-proxy/internal/acceptloop"
 )
 
 func TestClientHelloOffersALPN(t *testing.T) {
@@ -118,9 +120,9 @@ func TestNaiveRelayRoutesAndRelays(t *testing.T) {
 		return ln
 	}
 	web, acme, relay := listen(), listen(), listen()
-	go serve(web, func(c net.Conn) { backendConn(c, tagWeb) })
-	go serve(acme, func(c net.Conn) { backendConn(c, tagACME) })
-	go serve(relay, func(c net.Conn) { naiveRelay(c.(*net.TCPConn), acme.Addr().String(), web.Addr().String()) })
+	go acceptloop.Serve(web, func(c net.Conn) { backendConn(c, tagWeb) })
+	go acceptloop.Serve(acme, func(c net.Conn) { backendConn(c, tagACME) })
+	go acceptloop.Serve(relay, func(c net.Conn) { naiveRelay(c.(*net.TCPConn), acme.Addr().String(), web.Addr().String()) })
 	addr := relay.Addr().String()
 
 	for alpn, tag := range map[string]byte{"acme-tls/1": tagACME, "h2,http/1.1": tagWeb} {

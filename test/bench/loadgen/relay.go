@@ -9,6 +9,8 @@ import (
 	"slices"
 	"sync"
 	"time"
+
+	"github.com/acme-alpn-proxy/acme-alpn-proxy/internal/acceptloop"
 )
 
 // runNaiveRelay is the reference point the issue asks for: the same sniff
@@ -28,7 +30,7 @@ func runNaiveRelay(args []string) error {
 	fmt.Fprintln(os.Stderr, "naive-relay ready")
 	errc := make(chan error, 1)
 	go func() {
-		errc <- serve(ln, func(c net.Conn) { naiveRelay(c.(*net.TCPConn), *acme, *fallback) })
+		errc <- acceptloop.Serve(ln, func(c net.Conn) { naiveRelay(c.(*net.TCPConn), *acme, *fallback) })
 	}()
 	select {
 	case err := <-errc:
