@@ -59,6 +59,8 @@ func checkReadInvariants(t *testing.T, data []byte) {
 			h1.Kind, len(h1.Raw), h1.ServerName, h1.ALPN, err1, h.Kind, len(h.Raw), h.ServerName, h.ALPN, err)
 	}
 
+	checkScanAgrees(t, data, h, err)
+
 	if h.Kind != Complete {
 		return
 	}
@@ -74,6 +76,34 @@ func checkReadInvariants(t *testing.T, data []byte) {
 		if info.ServerName != h.ServerName || !slices.Equal(alpn, h.ALPN) {
 			t.Fatalf("crypto/tls sees SNI %q ALPN %q, we see %q %q", info.ServerName, alpn, h.ServerName, h.ALPN)
 		}
+	}
+}
+
+// checkScanAgrees feeds data to Scan the way an event loop would, in
+// reads of varying size that may run past the hello, and wants Read's
+// verdict: same Kind and facts, decided by the time Read's bytes are in.
+func checkScanAgrees(t *testing.T, data []byte, want *Hello, readErr error) {
+	t.Helper()
+	for _, chunk := range []int{1, 7, 4096, len(data) + 1} {
+		h := New()
+		final := false
+		for off := 0; off < len(data) && !final; {
+			n := min(chunk, len(data)-off)
+			h.Raw = append(h.Raw, data[off:off+n]...)
+			off += n
+			final = h.Scan()
+			if !final && off >= len(want.Raw) && readErr == nil {
+				t.Fatalf("chunk %d: Scan still undecided after %d bytes; Read decided %v after %d", chunk, off, want.Kind, len(want.Raw))
+			}
+		}
+		if final != (readErr == nil) {
+			t.Fatalf("chunk %d: Scan final=%v, Read err=%v", chunk, final, readErr)
+		}
+		if h.Kind != want.Kind || h.ServerName != want.ServerName || !slices.Equal(h.ALPN, want.ALPN) {
+			t.Fatalf("chunk %d: Scan gives Kind %v SNI %q ALPN %q; Read gives %v %q %q",
+				chunk, h.Kind, h.ServerName, h.ALPN, want.Kind, want.ServerName, want.ALPN)
+		}
+		h.Release()
 	}
 }
 

@@ -24,6 +24,11 @@
 // Read consumes whole TLS records only, and stops at the end of the record
 // that completes the ClientHello, so nothing after it (early data, the rest
 // of a non-TLS request) is taken off the reader.
+//
+// An event loop that reads whatever a socket has uses New and Scan
+// instead: it appends each read to Raw and asks Scan whether the verdict
+// is in; Scan resumes where it stopped, so a hello split into many small
+// reads costs no rescanning.
 package sniff
 
 import (
@@ -101,6 +106,7 @@ type Hello struct {
 	// ALPN is the client's protocol list in its order, nil if none.
 	ALPN []string
 
+	scanState
 	alpnBuf  []string // backing array for ALPN, kept across Reads
 	msgBuf   []byte   // reassembles a ClientHello that spans records
 	lastName string   // previous ServerName, reused to avoid an allocation
@@ -152,91 +158,137 @@ func (h *Hello) Release() {
 // failure. A stream that ends before its first byte gives io.EOF, one that
 // ends later io.ErrUnexpectedEOF; other errors (a deadline) pass through.
 func Read(r io.Reader) (*Hello, error) {
+	h := New()
+	for need := 1; need > 0; need = h.scan() {
+		if err := h.fill(r, need); err != nil {
+			return h, err
+		}
+	}
+	return h, nil
+}
+
+// New returns an empty Hello, for callers that do their own reads (an
+// event loop): append each read's bytes to Raw and call Scan, until Scan
+// reports true. Release it when done, as with Read.
+func New() *Hello {
 	h := helloPool.Get().(*Hello)
 	h.Raw = h.Raw[:0]
 	h.Kind, h.Reason = Truncated, ""
 	h.ServerName, h.ALPN = "", nil
 	h.released = false
-	err := h.read(r)
-	return h, err
+	h.scanState = scanState{hsLen: -1}
+	return h
 }
 
-func (h *Hello) read(r io.Reader) error {
+// Scan examines Raw, every byte read from the stream so far, continuing
+// where the previous Scan stopped. It reports true once Kind is final
+// (Complete, NotTLS, Malformed or TooLarge); until then Kind is Truncated
+// and more bytes are needed. Bytes after the record that completes the
+// ClientHello are ignored: they belong to the backend with the rest of Raw.
+//
+// The decision is the same as Read's for the same bytes, however they were
+// split across reads; a non-TLS stream is decided on its first byte.
+func (h *Hello) Scan() bool {
+	if h.Kind != Truncated {
+		return true
+	}
+	if len(h.Raw) == 0 {
+		return false
+	}
+	if h.scan() == 0 {
+		return true
+	}
+	if len(h.Raw) >= MaxHelloSize {
+		// Unreachable while scan enforces the limit per record; a bound
+		// on what a caller buffers all the same.
+		h.stop(TooLarge, "ClientHello records exceed the size limit")
+		return true
+	}
+	return false
+}
+
+// scanState is how far scan got through Raw.
+type scanState struct {
+	next     int // offset in Raw of the next record header
+	records  int // complete records scanned
+	hsHeader [handshakeHeaderLen]byte
+	hsHave   int // handshake bytes in the records scanned
+	hsLen    int // handshake message length with header; -1 until known
+}
+
+// scan advances over the complete records in Raw. It returns 0 once Kind
+// is final, otherwise how many more bytes the next step needs at least
+// (exactly the rest of the next record header or body).
+func (h *Hello) scan() int {
+	s := &h.scanState
+	if len(h.Raw) == 0 {
+		return 1
+	}
 	// A non-TLS client may be waiting for the server to speak first, so
 	// decide on the first byte alone.
-	if err := h.fill(r, 1); err != nil {
-		return err
-	}
 	if h.Raw[0] != recordTypeHandshake {
 		h.stop(NotTLS, "first byte is not a TLS handshake record")
-		return nil
+		return 0
 	}
-
-	var (
-		hsHeader [handshakeHeaderLen]byte
-		hsHave   int // handshake bytes received so far
-		hsLen    = -1
-		records  int
-	)
 	for {
-		start := len(h.Raw)
-		if records == 0 {
-			start = 0 // its type byte is already in Raw
-		} else if start+recordHeaderLen >= MaxHelloSize {
+		start := s.next
+		if s.records > 0 && start+recordHeaderLen >= MaxHelloSize {
 			h.stop(TooLarge, "ClientHello records exceed the size limit")
-			return nil
+			return 0
 		}
-		if err := h.fill(r, start+recordHeaderLen-len(h.Raw)); err != nil {
-			return err
+		if len(h.Raw) < start+recordHeaderLen {
+			return start + recordHeaderLen - len(h.Raw)
 		}
 		header := h.Raw[start : start+recordHeaderLen]
 		bad := Malformed
-		if records == 0 {
+		if s.records == 0 {
 			bad = NotTLS
 		}
 		if header[0] != recordTypeHandshake {
 			h.stop(Malformed, "non-handshake record inside the ClientHello")
-			return nil
+			return 0
 		}
 		if header[1] != 3 {
 			h.stop(bad, "record version is not 3.x")
-			return nil
+			return 0
 		}
 		n := int(header[3])<<8 | int(header[4])
 		if n == 0 || n > maxRecordBody {
 			h.stop(bad, "handshake record length is zero or over 2^14+256")
-			return nil
+			return 0
 		}
-		if len(h.Raw)+n > MaxHelloSize {
+		end := start + recordHeaderLen + n
+		if end > MaxHelloSize {
 			h.stop(TooLarge, "ClientHello records exceed the size limit")
-			return nil
+			return 0
 		}
-		if err := h.fill(r, n); err != nil {
-			return err
+		if len(h.Raw) < end {
+			return end - len(h.Raw)
 		}
-		records++
+		s.records++
+		s.next = end
 
-		body := h.Raw[len(h.Raw)-n:]
-		if hsHave < handshakeHeaderLen {
-			copy(hsHeader[hsHave:], body)
+		body := h.Raw[start+recordHeaderLen : end]
+		if s.hsHave < handshakeHeaderLen {
+			copy(s.hsHeader[s.hsHave:], body)
 		}
-		hsHave += n
-		if hsLen < 0 && hsHave >= handshakeHeaderLen {
-			if hsHeader[0] != handshakeTypeClientHello {
+		s.hsHave += n
+		if s.hsLen < 0 && s.hsHave >= handshakeHeaderLen {
+			if s.hsHeader[0] != handshakeTypeClientHello {
 				h.stop(Malformed, errNotClientHello.Error())
-				return nil
+				return 0
 			}
-			hsLen = handshakeHeaderLen + (int(hsHeader[1])<<16 | int(hsHeader[2])<<8 | int(hsHeader[3]))
-			if hsLen+records*recordHeaderLen > MaxHelloSize {
+			s.hsLen = handshakeHeaderLen + (int(s.hsHeader[1])<<16 | int(s.hsHeader[2])<<8 | int(s.hsHeader[3]))
+			if s.hsLen+s.records*recordHeaderLen > MaxHelloSize {
 				h.stop(TooLarge, "ClientHello length exceeds the size limit")
-				return nil
+				return 0
 			}
 		}
-		if hsLen >= 0 && hsHave >= hsLen {
+		if s.hsLen >= 0 && s.hsHave >= s.hsLen {
 			// Bytes after the message in its last record are consumed
 			// with it and left to the backend to judge.
-			h.parse(h.message(records, hsLen))
-			return nil
+			h.parse(h.message(s.records, s.hsLen))
+			return 0
 		}
 	}
 }
@@ -264,7 +316,7 @@ func (h *Hello) message(records, msgLen int) []byte {
 		return h.Raw[recordHeaderLen : recordHeaderLen+msgLen]
 	}
 	h.msgBuf = h.msgBuf[:0]
-	for rest := h.Raw; len(rest) > 0; {
+	for rest := h.Raw[:h.next]; len(rest) > 0; {
 		n := int(rest[3])<<8 | int(rest[4])
 		h.msgBuf = append(h.msgBuf, rest[recordHeaderLen:recordHeaderLen+n]...)
 		rest = rest[recordHeaderLen+n:]
