@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"strings"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -13,9 +14,12 @@ import (
 )
 
 // listenSet is the proxy's listeners: one per address family, so each can
-// carry its family's transparent option and IPv6 can be absent.
+// carry its family's transparent option and IPv6 can be absent. They are
+// bare descriptors, served by the relay engine's event loops rather than
+// by Go's netpoller.
 type listenSet struct {
-	lns      []*net.TCPListener
+	fds      []int
+	addrs    []string
 	families []intercept.Family // families with a wildcard listener
 }
 
@@ -73,7 +77,13 @@ func listenAll(ctx context.Context, addr string, transparent, wantV6 bool) (*lis
 			}
 			return nil, err
 		}
-		ls.lns = append(ls.lns, ln.(*net.TCPListener))
+		fd, err := detach(ln.(*net.TCPListener))
+		if err != nil {
+			ls.Close()
+			return nil, fmt.Errorf("listen %s: %w", w.addr, err)
+		}
+		ls.fds = append(ls.fds, fd)
+		ls.addrs = append(ls.addrs, ln.Addr().String())
 		if host == "" || net.ParseIP(host).IsUnspecified() {
 			ls.families = append(ls.families, w.family)
 		}
@@ -81,9 +91,30 @@ func listenAll(ctx context.Context, addr string, transparent, wantV6 bool) (*lis
 	return ls, nil
 }
 
+// detach takes the listening socket out of Go's netpoller, keeping a
+// duplicate of its descriptor for the relay engine.
+func detach(ln *net.TCPListener) (int, error) {
+	rc, err := ln.SyscallConn()
+	if err != nil {
+		ln.Close()
+		return -1, err
+	}
+	dup, derr := -1, error(nil)
+	if err := rc.Control(func(fd uintptr) { dup, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
+		derr = err
+	}
+	ln.Close() // unregisters it from the netpoller; the duplicate keeps the socket
+	return dup, derr
+}
+
 func controlListener(c syscall.RawConn, family intercept.Family, transparent bool) error {
 	var serr error
 	err := c.Control(func(fd uintptr) {
+		// Accepted sockets inherit TCP_NODELAY: small TLS flights must
+		// not wait on Nagle, and this saves a setsockopt per connection.
+		if serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_NODELAY, 1); serr != nil {
+			return
+		}
 		if family == intercept.IPv6 {
 			if serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 1); serr != nil {
 				return
@@ -104,20 +135,13 @@ func controlListener(c syscall.RawConn, family intercept.Family, transparent boo
 	return serr
 }
 
-// Close closes every listener; Accept loops then return.
+// Close closes every listener. The engine must have stopped accepting
+// from them first. Calling it twice is harmless.
 func (ls *listenSet) Close() {
-	for _, ln := range ls.lns {
-		ln.Close()
+	for _, fd := range ls.fds {
+		unix.Close(fd)
 	}
+	ls.fds = nil
 }
 
-func (ls *listenSet) String() string {
-	s := ""
-	for i, ln := range ls.lns {
-		if i > 0 {
-			s += ","
-		}
-		s += ln.Addr().String()
-	}
-	return s
-}
+func (ls *listenSet) String() string { return strings.Join(ls.addrs, ",") }

@@ -63,25 +63,28 @@ func namedBackend(t *testing.T, name string) (addr string, got chan []byte) {
 
 func startTestProxy(t *testing.T, alpn, fallback string, helloTimeout time.Duration) (*proxy, string, *lockedBuffer) {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	ls, err := listenAll(context.Background(), "127.0.0.1:0", false, false)
 	if err != nil {
 		t.Fatal(err)
 	}
+	addr := netip.MustParseAddrPort(ls.addrs[0])
 	logs := &lockedBuffer{}
-	p := &proxy{
-		log:  slog.New(slog.NewTextHandler(logs, nil)),
-		alpn: netip.MustParseAddrPort(alpn), fallback: netip.MustParseAddrPort(fallback),
-		port: 443, listenPort: uint16(ln.Addr().(*net.TCPAddr).Port), helloTimeout: helloTimeout,
-		dialTimeout: time.Second, idle: make(chan *net.TCPConn),
+	p, err := newProxy(slog.New(slog.NewTextHandler(logs, nil)), netip.MustParseAddrPort(alpn), netip.MustParseAddrPort(fallback),
+		443, addr.Port(), helloTimeout, time.Second)
+	if err != nil {
+		ls.Close()
+		t.Fatal(err)
 	}
-	go p.serve(ln.(*net.TCPListener))
 	t.Cleanup(func() {
-		ln.Close()
+		p.stopAccepting(ls)
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()
 		p.drain(ctx)
 	})
-	return p, ln.Addr().String(), logs
+	if err := p.serve(ls); err != nil {
+		t.Fatal(err)
+	}
+	return p, addr.String(), logs
 }
 
 // firstBytes dials the proxy, sends a ClientHello offering alpn, and

@@ -48,21 +48,25 @@ func TestShutdownServesHandshakesUnderWay(t *testing.T) {
 		t.Fatal(err)
 	}
 	logs := &lockedBuffer{}
-	p := &proxy{log: slog.New(slog.NewTextHandler(logs, nil)), fallback: netip.MustParseAddrPort(web),
-		port: 443, listenPort: 1, helloTimeout: 5 * time.Second, dialTimeout: time.Second}
+	p, err := newProxy(slog.New(slog.NewTextHandler(logs, nil)), netip.AddrPort{}, netip.MustParseAddrPort(web),
+		443, 1, 5*time.Second, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
 
 	dialed := make(chan net.Conn, 1)
 	fake := &fakeInterceptor{onRemoveIntercept: func() {
 		// The handshake completes into the kernel's backlog; the proxy's
 		// accept loop gets to it only a little later.
-		c, err := net.Dial("tcp", ls.lns[0].Addr().String())
+		c, err := net.Dial("tcp", ls.addrs[0])
 		if err != nil {
 			t.Errorf("dial during RemoveIntercept: %v", err)
 		}
 		dialed <- c
-		time.AfterFunc(50*time.Millisecond, func() { p.serve(ls.lns[0]) })
+		time.AfterFunc(50*time.Millisecond, func() { p.serve(ls) })
 	}}
 	in := &instance{cfg: config{drainTimeout: 10 * time.Second}, log: p.log, lock: lock, ls: ls, p: p, ic: fake}
+	t.Cleanup(in.teardown) // after a failure; a second teardown is harmless
 	stopped := make(chan struct{})
 	go func() { in.shutdown(make(chan os.Signal)); close(stopped) }()
 

@@ -117,24 +117,24 @@ func startInstance(cfg config, log *slog.Logger, lock *pidLock) (in *instance, e
 	if err != nil {
 		return in, err
 	}
-	in.p = &proxy{
-		log: log, port: cfg.port, listenPort: cfg.listenPort,
-		helloTimeout: cfg.helloTimeout, dialTimeout: cfg.dialTimeout,
-		idle: make(chan *net.TCPConn),
-	}
 	// Names are resolved once, here, not per connection.
-	if in.p.alpn, err = resolve("-alpn", cfg.alpn); err != nil {
+	alpn, err := resolve("-alpn", cfg.alpn)
+	if err != nil {
 		return in, err
 	}
+	var fallback netip.AddrPort
 	if cfg.fallback != "" {
-		if in.p.fallback, err = resolve("-fallback", cfg.fallback); err != nil {
+		if fallback, err = resolve("-fallback", cfg.fallback); err != nil {
 			return in, err
 		}
 	}
+	if in.p, err = newProxy(log, alpn, fallback, cfg.port, cfg.listenPort, cfg.helloTimeout, cfg.dialTimeout); err != nil {
+		return in, err
+	}
 	// Serve before intercepting: no intercepted connection may find the
 	// listener not yet accepting.
-	for _, ln := range in.ls.lns {
-		go in.p.serve(ln)
+	if err := in.p.serve(in.ls); err != nil {
+		return in, err
 	}
 	log.Info("listening", "addr", in.ls.String(), "alpn", cfg.alpn, "fallback", fallbackName(cfg))
 
@@ -237,7 +237,7 @@ func (in *instance) shutdown(force <-chan os.Signal) {
 		case <-ctx.Done():
 		}
 	}
-	in.ls.Close()
+	in.p.stopAccepting(in.ls)
 	n := in.p.inFlight()
 	if n > 0 {
 		in.log.Info("draining", "in_flight", n, "timeout", in.cfg.drainTimeout)
@@ -250,7 +250,10 @@ func (in *instance) shutdown(force <-chan os.Signal) {
 
 // teardown removes our rules and conntrack state and releases the lock.
 func (in *instance) teardown() {
-	if in.ls != nil {
+	if in.p != nil {
+		in.p.stopAccepting(in.ls)
+		in.p.engine.Close()
+	} else if in.ls != nil {
 		in.ls.Close()
 	}
 	if in.ic != nil {

@@ -2,7 +2,6 @@ package relay
 
 import (
 	"bufio"
-	"context"
 	"fmt"
 	"io"
 	"net"
@@ -19,31 +18,80 @@ import (
 // Run with, for example:
 //
 //	go test ./pkg/relay -run '^$' -bench Throughput -benchtime 4096x
-//	go test ./pkg/relay -run '^$' -bench Idle/splice-relay -benchtime 1x
-//
-// Run each Idle case in its own process: the runtime reuses the
-// descriptors of dead goroutines, so a case run after another would not
-// pay for its goroutines' heap.
+//	go test ./pkg/relay -run '^$' -bench Idle/engine -benchtime 1x
 //
 // relay-cpu-s/GB is the relay's CPU time per GB relayed: the client and
 // backend run in a child process. "direct" connects them without a relay.
 
-// relayImpl relays between client and backend until both ends are done,
-// then closes both.
+// relayImpl is a proxy under test: serve takes over front, relays every
+// connection it accepts to backend, and returns a stop function that
+// closes front and waits until the relays of connections whose peers
+// have closed are gone.
 type relayImpl struct {
-	name string
-	run  func(client, backend *net.TCPConn)
+	name  string
+	serve func(tb testing.TB, front *net.TCPListener, backend netip.AddrPort) (stop func())
 }
 
 var relayImpls = []relayImpl{
-	{"splice-relay", func(c, b *net.TCPConn) { Relay(context.Background(), c, b, nil) }},
-	{"io.Copy", func(c, b *net.TCPConn) { copyRelay(c, b, false) }},
-	{"go-ReadFrom", func(c, b *net.TCPConn) { copyRelay(c, b, true) }},
+	{"engine", serveEngine},
+	{"io.Copy", serveGoroutines(false)},
+	{"go-ReadFrom", serveGoroutines(true)},
 }
 
-// copyRelay is the obvious relay: io.Copy each way with half-close.
-// With readFrom it uses (*net.TCPConn).ReadFrom, Go's own splice path;
-// otherwise a 32 KiB user-space buffer.
+// serveEngine is this package: one Engine serving front.
+func serveEngine(tb testing.TB, front *net.TCPListener, backend netip.AddrPort) func() {
+	f := listenerFile(tb, front)
+	e, err := NewEngine(Config{
+		Route: func(*Conn) (netip.AddrPort, string) { return backend, "back" },
+	})
+	if err != nil {
+		f.Close()
+		tb.Fatal(err)
+	}
+	if err := e.Serve(int(f.Fd())); err != nil {
+		e.Close()
+		f.Close()
+		tb.Fatal(err)
+	}
+	return func() {
+		e.StopAccepting()
+		f.Close()
+		e.Close()
+	}
+}
+
+// serveGoroutines is the obvious proxy: a goroutine per connection dials
+// the backend, then io.Copy each way with half-close (copyRelay).
+func serveGoroutines(readFrom bool) func(testing.TB, *net.TCPListener, netip.AddrPort) func() {
+	return func(tb testing.TB, front *net.TCPListener, backend netip.AddrPort) func() {
+		var wg sync.WaitGroup
+		wg.Go(func() {
+			for {
+				c, err := front.AcceptTCP()
+				if err != nil {
+					return
+				}
+				wg.Go(func() {
+					d := net.Dialer{Timeout: 5 * time.Second, KeepAlive: -1}
+					b, err := d.Dial("tcp", backend.String())
+					if err != nil {
+						c.Close()
+						return
+					}
+					copyRelay(c, b.(*net.TCPConn), readFrom)
+				})
+			}
+		})
+		return func() {
+			front.Close()
+			wg.Wait()
+		}
+	}
+}
+
+// copyRelay relays between c and b until both directions are done, then
+// closes both. With readFrom it uses (*net.TCPConn).ReadFrom, Go's own
+// splice path; otherwise a 32 KiB user-space buffer.
 func copyRelay(c, b *net.TCPConn, readFrom bool) {
 	pump := func(dst, src *net.TCPConn) {
 		if readFrom {
@@ -59,30 +107,6 @@ func copyRelay(c, b *net.TCPConn, readFrom bool) {
 	wg.Wait()
 	c.Close()
 	b.Close()
-}
-
-// conns is one proxied connection's four sockets: the client, the two
-// the proxy holds, and the backend's.
-type conns struct {
-	client, proxyClient, proxyBackend, backend *net.TCPConn
-}
-
-func dialPair(b *testing.B, front, back *net.TCPListener) conns {
-	var cs conns
-	var err error
-	if cs.client, err = net.DialTCP("tcp", nil, front.Addr().(*net.TCPAddr)); err != nil {
-		b.Fatal(err)
-	}
-	if cs.proxyClient, err = front.AcceptTCP(); err != nil {
-		b.Fatal(err)
-	}
-	if cs.proxyBackend, err = net.DialTCP("tcp", nil, back.Addr().(*net.TCPAddr)); err != nil {
-		b.Fatal(err)
-	}
-	if cs.backend, err = back.AcceptTCP(); err != nil {
-		b.Fatal(err)
-	}
-	return cs
 }
 
 func BenchmarkThroughput(b *testing.B) {
@@ -104,7 +128,7 @@ func benchThroughput(b *testing.B, impl relayImpl, streams int) {
 	const chunk = 1 << 20
 	front := listen(b)
 	target := front.Addr().String()
-	if impl.run == nil {
+	if impl.serve == nil {
 		target = "direct"
 	}
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
@@ -124,30 +148,25 @@ func benchThroughput(b *testing.B, impl relayImpl, streams int) {
 	}
 	backAddr, err := netip.ParseAddrPort(lines.Text())
 	if err != nil {
+		cmd.Wait()
 		b.Fatal(err)
 	}
 
 	b.SetBytes(int64(streams) * chunk)
 	cpu0 := cpuTime(b)
 	b.ResetTimer()
-	var relays sync.WaitGroup
-	for i := 0; impl.run != nil && i < streams; i++ {
-		c, err := front.AcceptTCP()
-		if err != nil {
-			b.Fatal(err)
-		}
-		bk, err := Dial(context.Background(), backAddr, time.Second)
-		if err != nil {
-			b.Fatal(err)
-		}
-		relays.Go(func() { impl.run(c, bk) })
+	stop := func() {}
+	if impl.serve != nil {
+		// The child's connections wait in front's backlog until then.
+		stop = impl.serve(b, front, backAddr)
 	}
 	lines.Scan() // the endpoint's report, after it received everything
 	if err := cmd.Wait(); err != nil {
+		stop()
 		b.Fatalf("endpoint process: %v", err)
 	}
 	b.StopTimer()
-	relays.Wait()
+	stop()
 	cpu := cpuTime(b) - cpu0
 	bytes := float64(b.N) * float64(streams) * chunk
 	b.ReportMetric(cpu.Seconds()/(bytes/1e9), "relay-cpu-s/GB")
@@ -171,7 +190,7 @@ func TestMain(m *testing.M) {
 // process. spec is "FRONT STREAMS BYTES": it listens as the backend,
 // prints its address, dials FRONT (or itself, for "direct") STREAMS
 // times, sends BYTES on each, and exits once the backend has read every
-// byte.
+// byte and every client has seen the relay close.
 func runEndpoint(spec string) error {
 	var front string
 	var streams int
@@ -208,6 +227,8 @@ func runEndpoint(spec string) error {
 				return
 			}
 			defer c.Close()
+			// The first byte (0) is not a TLS record type: the engine
+			// routes the stream at once.
 			buf := make([]byte, 1<<20)
 			for left := perStream; left > 0; left -= int64(len(buf)) {
 				if _, err := c.Write(buf[:min(left, int64(len(buf)))]); err != nil {
@@ -237,49 +258,85 @@ func BenchmarkIdle(b *testing.B) {
 	}
 }
 
-// benchIdle holds n proxied connections that moved a few bytes each way
-// and then went idle, and reports what each costs the proxy: heap and
-// stack bytes added by the relay (B/conn), the user-space cost of its two
-// sockets (sock-B/conn), and open descriptors (fds/conn, pipes/conn).
+// benchIdle holds n proxied connections that moved a byte each way and
+// then went idle, and reports what each costs the proxy: heap and stack
+// bytes (B/conn), open descriptors (fds/conn) and splice pipes
+// (pipes/conn). The test's own two sockets per connection are measured on
+// as many direct connections first, and subtracted.
 func benchIdle(b *testing.B, impl relayImpl, n int) {
-	front, back := listen(b), listen(b)
+	back, front, direct := listen(b), listen(b), listen(b)
+	frontAddr := front.Addr().(*net.TCPAddr)
+	stop := impl.serve(b, front, back.Addr().(*net.TCPAddr).AddrPort())
+	defer stop()
 	for range b.N {
+		memD0 := memInUse()
+		fdD0, pipeD0 := countFDs(b)
+		sets := connectIdle(b, direct.Addr().(*net.TCPAddr), direct, n)
+		memD1 := memInUse()
+		fdD1, _ := countFDs(b)
+		closeIdle(b, sets, fdD0-pipeD0)
+
 		mem0 := memInUse()
 		fd0, pipe0 := countFDs(b)
-		sets := make([]conns, n)
-		for i := range sets {
-			sets[i] = dialPair(b, front, back)
-		}
-		mem1 := memInUse()
-		fd1, _ := countFDs(b)
-
-		var relays sync.WaitGroup
-		for _, cs := range sets {
-			relays.Go(func() { impl.run(cs.proxyClient, cs.proxyBackend) })
-		}
-		one := make([]byte, 1)
-		for _, cs := range sets {
-			cs.client.Write(one)
-			io.ReadFull(cs.backend, one)
-			cs.backend.Write(one)
-			io.ReadFull(cs.client, one)
-		}
+		sets = connectIdle(b, frontAddr, back, n)
 		time.Sleep(200 * time.Millisecond) // let every relay park
-		mem2 := memInUse()
-		fd2, pipe2 := countFDs(b)
+		mem1 := memInUse()
+		fd1, pipe1 := countFDs(b)
 
-		b.ReportMetric(float64(mem2-mem1)/float64(n), "B/conn")
-		// Four sockets per set, two of them the proxy's.
-		b.ReportMetric(float64(mem1-mem0)/float64(n)/2, "sock-B/conn")
-		b.ReportMetric(float64(fd2-fd1)/float64(n)+float64(fd1-fd0)/float64(n)/2, "fds/conn")
-		b.ReportMetric(float64(pipe2-pipe0)/float64(n), "pipes/conn")
-
-		for _, cs := range sets {
-			cs.client.Close()
-			cs.backend.Close()
-		}
-		relays.Wait()
+		// A proxy that recycles its per-connection state (the engine keeps
+		// freed Conns for reuse) pays part of it before mem0 from the
+		// second iteration on: compare first iterations (-benchtime 1x).
+		b.ReportMetric(float64((mem1-mem0)-(memD1-memD0))/float64(n), "B/conn")
+		b.ReportMetric(float64((fd1-fd0)-(fdD1-fdD0))/float64(n), "fds/conn")
+		b.ReportMetric(float64(pipe1-pipe0)/2/float64(n), "pipes/conn")
+		closeIdle(b, sets, fd0-pipe0)
 	}
+}
+
+// idleConn is a client and the backend's accepted socket, connected
+// through a proxy or directly.
+type idleConn struct{ client, backend *net.TCPConn }
+
+// connectIdle makes n connections to addr, each moving one byte each way;
+// accept is the listener where they arrive at the backend.
+func connectIdle(b *testing.B, addr *net.TCPAddr, accept *net.TCPListener, n int) []idleConn {
+	sets := make([]idleConn, n)
+	one := make([]byte, 1)
+	for i := range sets {
+		cs := &sets[i]
+		var err error
+		if cs.client, err = net.DialTCP("tcp", nil, addr); err != nil {
+			b.Fatal(err)
+		}
+		cs.client.SetDeadline(time.Now().Add(time.Minute))
+		if _, err := cs.client.Write(one); err != nil {
+			b.Fatal(err)
+		}
+		accept.SetDeadline(time.Now().Add(10 * time.Second))
+		if cs.backend, err = accept.AcceptTCP(); err != nil {
+			b.Fatal(err)
+		}
+		cs.backend.SetDeadline(time.Now().Add(time.Minute))
+		if _, err := io.ReadFull(cs.backend, one); err != nil {
+			b.Fatal(err)
+		}
+		cs.backend.Write(one)
+		if _, err := io.ReadFull(cs.client, one); err != nil {
+			b.Fatal(err)
+		}
+	}
+	return sets
+}
+
+// closeIdle closes the connections and waits until the process is back
+// to its earlier number of descriptors other than pipes (a proxy may keep
+// a pool of those), so the next measurement starts clean.
+func closeIdle(b *testing.B, sets []idleConn, nonPipes int) {
+	for _, cs := range sets {
+		cs.client.Close()
+		cs.backend.Close()
+	}
+	settle(func() bool { n, p := countFDs(b); return n-p <= nonPipes })
 }
 
 func memInUse() int64 {

@@ -2,9 +2,7 @@ package relay
 
 import (
 	"io"
-	"sync"
 	"sync/atomic"
-	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -16,161 +14,169 @@ var splicedBytes, copiedBytes atomic.Int64
 
 const copyBufSize = 32 << 10
 
-var copyBufs = sync.Pool{New: func() any { b := make([]byte, copyBufSize); return &b }}
-
 const spliceFlags = unix.SPLICE_F_MOVE | unix.SPLICE_F_NONBLOCK
 
-// direction moves bytes from src to dst until src reaches EOF or either
-// side fails. It waits in Go's netpoller through RawConn callbacks, so
-// a parked direction holds no pipe and no buffer: it takes a pipe only
-// once src has data and gives it back as soon as src runs dry with the
-// pipe empty.
+// direction moves bytes from src to dst. It holds a pipe only while
+// bytes move: it takes one when src has data and gives it back as soon
+// as src runs dry with the pipe empty.
 type direction struct {
-	src, dst syscall.RawConn
+	src, dst *endpoint
+	other    *direction
 
-	pipe *pipe   // held only while bytes move
-	buf  *[]byte // fallback buffer, held instead of pipe when none can be made
+	pipe    *pipe
+	buf     []byte // fallback while no pipe can be made
+	pending int    // bytes read from src, not yet written to dst
+	off     int    // start of pending bytes in buf
 
-	pending int   // bytes read from src, not yet written to dst
-	off     int   // start of pending bytes in buf
-	err     error // syscall error seen by the last callback
-
-	spliced, copied int64
-
-	// Bound once so the hot loop does not allocate a closure per call.
-	fillFn, flushFn func(fd uintptr) bool
+	eof     bool // src reached EOF
+	done    bool // EOF passed on to dst
+	first   bool // done before the other direction
+	spliced int64
+	copied  int64
 }
 
-func newDirection(src, dst syscall.RawConn) *direction {
-	d := &direction{src: src, dst: dst}
-	d.fillFn = d.fill
-	d.flushFn = d.flush
-	return d
+func (d *direction) reset(eof bool) {
+	d.pending, d.off = 0, 0
+	d.eof, d.done, d.first = eof, false, false
+	d.spliced, d.copied = 0, 0
 }
 
-// run relays until EOF on src (both errors nil) or a failure, reported
-// as readErr (src side) or writeErr (dst side).
-func (d *direction) run() (readErr, writeErr error) {
-	defer d.finish()
+// move relays until src or dst would block, src ends, or about budget
+// bytes have moved; it reports whether the budget ran out with more to
+// do. On a socket error it ends the whole connection.
+func (d *direction) move(budget int64) (more bool) {
+	c := d.src.conn
+	moved := int64(0)
 	for {
-		d.err = nil
-		if err := d.src.Read(d.fillFn); err != nil {
-			return err, nil
-		}
-		if d.err != nil {
-			return d.err, nil
-		}
-		if d.pending == 0 {
-			return nil, nil // EOF
-		}
-		if err := d.dst.Write(d.flushFn); err != nil {
-			return nil, err
-		}
-		if d.err != nil {
-			return nil, d.err
-		}
-	}
-}
-
-// fill reads one chunk from src. It returns false (park until readable)
-// on EAGAIN after handing the empty pipe back.
-func (d *direction) fill(fd uintptr) bool {
-	if d.pipe == nil && d.buf == nil {
-		if p, err := pipes.get(); err == nil {
-			d.pipe = p
-		} else {
-			d.buf = copyBufs.Get().(*[]byte)
-		}
-	}
-	for {
-		var n int
-		var err error
-		if d.pipe != nil {
-			var m int64
-			m, err = unix.Splice(int(fd), nil, d.pipe.w, nil, d.pipe.size, spliceFlags)
-			n = int(m)
-		} else {
-			n, err = unix.Read(int(fd), *d.buf)
-		}
-		switch err {
-		case nil:
-			d.pending, d.off = n, 0
-			return true
-		case unix.EINTR:
+		if d.pending > 0 {
+			if !d.dst.writable {
+				return false
+			}
+			n, err := d.flush()
+			switch {
+			case err == unix.EINTR:
+				continue
+			case err == unix.EAGAIN:
+				d.dst.writable = false
+				return false
+			case err != nil:
+				c.fail(d.dst.side, err)
+				return false
+			}
+			moved += int64(n)
 			continue
-		case unix.EAGAIN:
-			d.release()
+		}
+		if d.eof {
+			d.release(c.l)
+			d.done = true
+			d.first = !d.other.done
+			if d.first {
+				// Pass the EOF on; the other direction goes on. An error
+				// here means dst failed, which that direction will see.
+				unix.Shutdown(d.dst.fd, unix.SHUT_WR)
+			}
 			return false
-		default:
-			d.err = err
+		}
+		if !d.src.readable {
+			d.release(c.l)
+			return false
+		}
+		if moved >= budget {
 			return true
 		}
-	}
-}
-
-// flush writes all pending bytes to dst, returning false (park until
-// writable) when dst's send buffer is full: a slow reader makes us wait,
-// not spin.
-func (d *direction) flush(fd uintptr) bool {
-	for d.pending > 0 {
-		var n int
-		var err error
-		if d.pipe != nil {
-			var m int64
-			m, err = unix.Splice(d.pipe.r, nil, int(fd), nil, d.pending, spliceFlags)
-			n = int(m)
-		} else {
-			n, err = unix.Write(int(fd), (*d.buf)[d.off:d.off+d.pending])
-		}
+		n, err := d.fill(c.l)
 		switch {
 		case err == unix.EINTR:
 			continue
 		case err == unix.EAGAIN:
+			d.src.readable = false
+			d.release(c.l)
 			return false
 		case err != nil:
-			d.err = err
-			return true
-		case n <= 0:
-			d.err = io.ErrNoProgress
-			return true
-		}
-		d.pending -= n
-		d.off += n
-		if d.pipe != nil {
-			d.spliced += int64(n)
-		} else {
-			d.copied += int64(n)
+			c.fail(d.src.side, err)
+			return false
+		case n == 0:
+			d.eof = true
 		}
 	}
-	return true
+}
+
+// fill reads one chunk from src into the pipe (or buffer).
+func (d *direction) fill(l *loop) (int, error) {
+	if d.pipe == nil && d.buf == nil {
+		if p, err := l.pipes.get(); err == nil {
+			d.pipe = p
+		} else {
+			d.buf = make([]byte, copyBufSize)
+		}
+	}
+	var n int
+	var err error
+	if d.pipe != nil {
+		var m int64
+		m, err = unix.Splice(d.src.fd, nil, d.pipe.w, nil, d.pipe.size, spliceFlags)
+		n = int(m)
+	} else {
+		n, err = unix.Read(d.src.fd, d.buf)
+	}
+	if err == nil {
+		d.pending, d.off = n, 0
+	}
+	return n, err
+}
+
+// flush writes pending bytes to dst once.
+func (d *direction) flush() (int, error) {
+	var n int
+	var err error
+	if d.pipe != nil {
+		var m int64
+		m, err = unix.Splice(d.pipe.r, nil, d.dst.fd, nil, d.pending, spliceFlags)
+		n = int(m)
+	} else {
+		n, err = unix.Write(d.dst.fd, d.buf[d.off:d.off+d.pending])
+	}
+	if err != nil {
+		return 0, err
+	}
+	if n <= 0 {
+		return 0, io.ErrNoProgress
+	}
+	d.pending -= n
+	d.off += n
+	if d.pipe != nil {
+		d.spliced += int64(n)
+	} else {
+		d.copied += int64(n)
+	}
+	return n, nil
 }
 
 // release returns the pipe or buffer once it holds no pending bytes.
-func (d *direction) release() {
+func (d *direction) release(l *loop) {
 	if d.pending != 0 {
 		return
 	}
 	if d.pipe != nil {
-		pipes.put(d.pipe)
+		l.pipes.put(d.pipe)
 		d.pipe = nil
 	}
-	if d.buf != nil {
-		copyBufs.Put(d.buf)
-		d.buf = nil
-	}
+	d.buf = nil
 }
 
-func (d *direction) finish() {
+// finish drops what the direction holds and returns the bytes it moved.
+func (d *direction) finish(pp *pipePool) int64 {
 	if d.pipe != nil && d.pending != 0 {
 		// Undeliverable bytes stay in the pipe: it cannot be reused.
 		d.pipe.close()
 		d.pipe = nil
-		d.pending = 0
 	}
-	d.pending = 0
-	d.release()
+	if d.pipe != nil {
+		pp.put(d.pipe)
+		d.pipe = nil
+	}
+	d.pending, d.buf = 0, nil
 	splicedBytes.Add(d.spliced)
 	copiedBytes.Add(d.copied)
+	return d.spliced + d.copied
 }
-
-func (d *direction) bytes() int64 { return d.spliced + d.copied }

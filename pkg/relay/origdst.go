@@ -34,18 +34,25 @@ func OriginalDst(c *net.TCPConn) (netip.AddrPort, error) {
 	if err != nil {
 		return netip.AddrPort{}, err
 	}
+	var dst netip.AddrPort
+	var derr error
+	err = rc.Control(func(fd uintptr) { dst, derr = originalDst(int(fd), v4) })
+	if err == nil {
+		err = derr
+	}
+	return dst, err
+}
+
+// originalDst asks conntrack, through the socket fd, where its connection
+// was addressed before NAT; v4 selects the IPv4 lookup.
+func originalDst(fd int, v4 bool) (netip.AddrPort, error) {
 	var buf [unix.SizeofSockaddrInet6]byte
 	var n int
-	var serr error
-	err = rc.Control(func(fd uintptr) {
-		if v4 {
-			n, serr = getsockopt(int(fd), unix.SOL_IP, soOriginalDst, buf[:unix.SizeofSockaddrInet4])
-		} else {
-			n, serr = getsockopt(int(fd), unix.SOL_IPV6, soOriginalDst, buf[:])
-		}
-	})
-	if err == nil {
-		err = serr
+	var err error
+	if v4 {
+		n, err = getsockopt(fd, unix.SOL_IP, soOriginalDst, buf[:unix.SizeofSockaddrInet4])
+	} else {
+		n, err = getsockopt(fd, unix.SOL_IPV6, soOriginalDst, buf[:])
 	}
 	if err != nil {
 		return netip.AddrPort{}, fmt.Errorf("original destination: %w", err)

@@ -4,12 +4,14 @@ import (
 	"crypto/rand"
 	"encoding/binary"
 	"encoding/hex"
+	"io"
 	"net"
 	"net/netip"
 	"os/exec"
 	"runtime"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -106,6 +108,101 @@ func TestOriginalDst(t *testing.T) {
 			got, err := OriginalDst(a.(*net.TCPConn))
 			if err != nil || got.String() != tc.dial {
 				t.Errorf("OriginalDst = %v, %v; want %s", got, err, tc.dial)
+			}
+		})
+	}
+}
+
+// TestConnOriginalDst serves an Engine on a listener inside a private
+// network namespace that redirects port 443 to it, and checks what Route
+// sees: Conn.OriginalDst is the address the client dialed, LocalAddr the
+// redirect target, Client the client's plain (unmapped) address. The
+// engine's loops and its backend stay in the test's own namespace.
+func TestConnOriginalDst(t *testing.T) {
+	requireRoot(t)
+	ns := newNetns(t)
+	ns.run(t, "ip link set lo up",
+		"ip addr add 198.18.0.1/32 dev lo",
+		"ip -6 addr add fd00::1/128 dev lo nodad")
+	ns.nft(t, `table inet rltest {
+		chain out {
+			type nat hook output priority -110;
+			tcp dport 443 redirect to :21443
+		}
+	}`)
+
+	type seen struct {
+		client, local, orig netip.AddrPort
+		err                 error
+	}
+	routed := make(chan seen, 4)
+	back := listen(t)
+	e, err := NewEngine(Config{
+		Route: func(c *Conn) (netip.AddrPort, string) {
+			s := seen{client: c.Client}
+			s.local, _ = c.LocalAddr()
+			s.orig, s.err = c.OriginalDst()
+			routed <- s
+			return back.Addr().(*net.TCPAddr).AddrPort(), "back"
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(e.Close)
+
+	var ln *net.TCPListener
+	ns.do(t, func() (err error) {
+		ln, err = net.ListenTCP("tcp", &net.TCPAddr{Port: 21443}) // dual-stack
+		return err
+	})
+	f := listenerFile(t, ln)
+	t.Cleanup(func() { f.Close() })
+	if err := e.Serve(int(f.Fd())); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(e.StopAccepting) // runs before f.Close
+
+	for _, tc := range []struct {
+		name, dial, local string
+	}{
+		{"ipv4 on dual-stack listener", "198.18.0.1:443", "127.0.0.1:21443"},
+		{"ipv6", "[fd00::1]:443", "[::1]:21443"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var c net.Conn
+			ns.do(t, func() (err error) {
+				c, err = net.Dial("tcp", tc.dial)
+				return err
+			})
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(time.Minute))
+			c.Write([]byte("x"))
+			var s seen
+			select {
+			case s = <-routed:
+			case <-time.After(10 * time.Second):
+				t.Fatal("the engine did not route the connection")
+			}
+			if s.err != nil || s.orig.String() != tc.dial {
+				t.Errorf("OriginalDst = %v, %v; want %s", s.orig, s.err, tc.dial)
+			}
+			if s.local.String() != tc.local {
+				t.Errorf("LocalAddr = %v, want %s (where the redirect of a local connection leads)", s.local, tc.local)
+			}
+			client := c.LocalAddr().(*net.TCPAddr).AddrPort()
+			if s.client != client {
+				t.Errorf("Client = %v, want %v", s.client, client)
+			}
+			// And the connection is proxied to the backend outside the namespace.
+			back.SetDeadline(time.Now().Add(10 * time.Second))
+			b, err := back.Accept()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer b.Close()
+			if got, err := io.ReadAll(io.LimitReader(b, 1)); err != nil || string(got) != "x" {
+				t.Errorf("backend read %q, %v", got, err)
 			}
 		})
 	}

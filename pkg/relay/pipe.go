@@ -1,8 +1,6 @@
 package relay
 
 import (
-	"sync"
-
 	"golang.org/x/sys/unix"
 )
 
@@ -12,10 +10,10 @@ import (
 // much per call.
 var pipeSize = 1 << 20
 
-// maxFreePipes bounds the pipes kept for reuse. Only directions that are
-// moving bytes hold a pipe, so a small pool covers the concurrently
-// active ones; pipes beyond it are closed.
-const maxFreePipes = 32
+// maxFreePipes bounds the pipes each loop keeps for reuse. Only
+// directions that are moving bytes hold a pipe, and a loop moves one
+// direction at a time, so a few cover the bursts; the rest are closed.
+const maxFreePipes = 16
 
 // pipe is a splice buffer: bytes go in at w and come out at r.
 type pipe struct {
@@ -23,14 +21,10 @@ type pipe struct {
 	size int // capacity in bytes, as granted by the kernel
 }
 
-// pipePool is a bounded free list. sync.Pool is not used because it drops
-// items at GC without closing them, which would leak descriptors.
+// pipePool is a loop's free list; only its loop touches it.
 type pipePool struct {
-	mu   sync.Mutex
 	free []*pipe
 }
-
-var pipes pipePool
 
 // newPipe is replaced in tests to simulate descriptor exhaustion.
 var newPipe = func() (*pipe, error) {
@@ -49,39 +43,30 @@ var newPipe = func() (*pipe, error) {
 }
 
 func (pp *pipePool) get() (*pipe, error) {
-	pp.mu.Lock()
 	if n := len(pp.free); n > 0 {
 		p := pp.free[n-1]
 		pp.free = pp.free[:n-1]
-		pp.mu.Unlock()
 		return p, nil
 	}
-	pp.mu.Unlock()
 	return newPipe()
 }
 
 // put takes back an empty pipe. A pipe that may still hold bytes must be
 // closed instead, or the next user would relay them to the wrong peer.
 func (pp *pipePool) put(p *pipe) {
-	pp.mu.Lock()
 	if len(pp.free) < maxFreePipes {
 		pp.free = append(pp.free, p)
-		pp.mu.Unlock()
 		return
 	}
-	pp.mu.Unlock()
 	p.close()
 }
 
-// drain closes every pooled pipe; tests use it to count descriptors.
+// drain closes every pooled pipe.
 func (pp *pipePool) drain() {
-	pp.mu.Lock()
-	free := pp.free
-	pp.free = nil
-	pp.mu.Unlock()
-	for _, p := range free {
+	for _, p := range pp.free {
 		p.close()
 	}
+	pp.free = nil
 }
 
 func (p *pipe) close() {

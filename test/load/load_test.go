@@ -57,18 +57,17 @@ PC=0x47 m=0 sigcode=0
 goroutine 1 [chan receive]:
 main.startForeground(...)
 
-goroutine 7 [IO wait]:
-internal/poll.(*pollDesc).wait(...)
-github.com/x/pkg/relay.(*direction).run(...)
-main.(*proxy).handle(0xc0001)
+goroutine 7 [syscall]:
+golang.org/x/sys/unix.EpollWait(...)
+github.com/x/pkg/relay.(*loop).run(...)
 
-goroutine 9 [IO wait]:
-github.com/x/pkg/relay.(*direction).run(...)
+goroutine 9 [syscall]:
+github.com/x/pkg/relay.(*loop).run(...)
 
 rax    0x0
 `
-	g := parseGoroutineDump(dump, frameHandle, frameRelay)
-	if g.total != 3 || g.byFrame[frameHandle] != 1 || g.byFrame[frameRelay] != 2 {
+	g := parseGoroutineDump(dump, frameRelay, "main.startForeground(")
+	if g.total != 3 || g.byFrame["main.startForeground("] != 1 || g.byFrame[frameRelay] != 2 {
 		t.Errorf("got %+v", g)
 	}
 }

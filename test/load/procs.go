@@ -250,12 +250,9 @@ func (p *proxyProc) goroutines(watch ...string) (goroutineDump, error) {
 	return g, nil
 }
 
-// Frames of the proxy's per-connection goroutines, to tell them apart from
-// its fixed ones in a dump.
-const (
-	frameHandle = "main.(*proxy).handle("
-	frameRelay  = "/pkg/relay."
-)
+// frameRelay marks the relay engine's goroutines in a dump: its event
+// loops, a fixed number however many connections there are.
+const frameRelay = "/pkg/relay."
 
 func atoiOr(s string, def int) int {
 	if n, err := strconv.Atoi(s); err == nil {
