@@ -313,6 +313,17 @@ func (c *Conn) fail(s side, err error) {
 	c.end(end, err, true)
 }
 
+// cut ends a connection for Drain or Close the way a web server drops an
+// idle keep-alive connection: the client gets a FIN, which clients treat
+// as "reconnect" (and TLS as truncation, mid-stream); the backend gets a
+// reset, so it stops waiting on the request.
+func (c *Conn) cut() {
+	if c.backend.fd >= 0 {
+		unix.SetsockoptLinger(c.backend.fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
+	}
+	c.end(EndClosed, nil, false)
+}
+
 // end closes both sockets (with rst, as resets), reports the connection
 // and recycles it.
 func (c *Conn) end(end string, err error, rst bool) {

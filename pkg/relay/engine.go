@@ -169,7 +169,8 @@ func (e *Engine) StopAccepting() {
 func (e *Engine) Active() int { return int(e.active.Load()) }
 
 // Drain waits until no connection is in flight or ctx ends. Then it cuts
-// the connections left (End is EndClosed) and returns how many there were.
+// the connections left (End is EndClosed; the client gets a FIN, the
+// backend a reset) and returns how many there were.
 func (e *Engine) Drain(ctx context.Context) int {
 	tick := time.NewTicker(10 * time.Millisecond)
 	defer tick.Stop()

@@ -296,6 +296,20 @@ func expectEOF(t testing.TB, c net.Conn, who string) {
 	}
 }
 
+// expectEnd reads c until it ends and fails unless it ends with a reset
+// (rst) or a plain EOF (!rst) within 10s.
+func expectEnd(t testing.TB, c net.Conn, who string, rst bool) {
+	t.Helper()
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	_, err := io.Copy(io.Discard, onlyReader{c})
+	if rst && !isReset(err) {
+		t.Errorf("%s: read after the cut: %v, want a reset", who, err)
+	}
+	if !rst && err != nil {
+		t.Errorf("%s: read after the cut: %v, want EOF", who, err)
+	}
+}
+
 // expectClosed reads c until it ends and fails unless it ends (EOF or a
 // reset) within 10s.
 func expectClosed(t testing.TB, c net.Conn, who string) {

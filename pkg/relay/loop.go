@@ -434,7 +434,7 @@ func (l *loop) abortAll() int {
 	l.takeHandoffs()
 	n := 0
 	for c := l.live.head; c != nil; c = l.live.head {
-		c.end(EndClosed, nil, true)
+		c.cut()
 		n++
 	}
 	return n
