@@ -150,7 +150,7 @@ func (c *Conn) readHello() {
 			h.Raw = slices.Grow(h.Raw, helloChunk)
 		}
 		buf := h.Raw[len(h.Raw):cap(h.Raw)]
-		n, err := unix.Read(ep.fd, buf)
+		n, err := rawRead(ep.fd, buf)
 		switch {
 		case err == unix.EINTR:
 			continue
@@ -208,7 +208,7 @@ func (c *Conn) route() {
 		return
 	}
 
-	fd, err := unix.Socket(family(c.Backend), unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	fd, err := rawSocket(family(c.Backend))
 	if err != nil {
 		c.end(EndDialFailed, err, false)
 		return
@@ -216,7 +216,7 @@ func (c *Conn) route() {
 	c.backend.reset(fd)
 	// Small TLS flights must not wait on Nagle. (The accepted side
 	// inherits TCP_NODELAY from the listener.)
-	unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+	setNoDelay(fd)
 	if err := l.sa.connect(fd, c.Backend); err != nil && err != unix.EINPROGRESS && err != unix.EINTR {
 		c.end(EndDialFailed, err, false)
 		return
@@ -239,7 +239,7 @@ func (c *Conn) route() {
 func (c *Conn) writeHello() {
 	ep := &c.backend
 	for ep.writable {
-		n, err := unix.Write(ep.fd, c.hello.Raw[c.written:])
+		n, err := rawWrite(ep.fd, c.hello.Raw[c.written:])
 		switch {
 		case err == unix.EINTR:
 			continue
@@ -319,7 +319,7 @@ func (c *Conn) fail(s side, err error) {
 // reset, so it stops waiting on the request.
 func (c *Conn) cut() {
 	if c.backend.fd >= 0 {
-		unix.SetsockoptLinger(c.backend.fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
+		setResetOnClose(c.backend.fd)
 	}
 	c.end(EndClosed, nil, false)
 }

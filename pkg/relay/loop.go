@@ -252,12 +252,12 @@ func (l *loop) closeEndpoint(ep *endpoint, rst bool) {
 		return
 	}
 	if rst {
-		unix.SetsockoptLinger(ep.fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
+		setResetOnClose(ep.fd)
 	}
 	if ep.fd < len(l.ends) && l.ends[ep.fd] == ep {
 		l.ends[ep.fd] = nil
 	}
-	unix.Close(ep.fd)
+	rawClose(ep.fd)
 	ep.fd = -1
 }
 
