@@ -73,7 +73,7 @@ func (d *direction) move(budget int64) (more bool) {
 			if d.first {
 				// Pass the EOF on; the other direction goes on. An error
 				// here means dst failed, which that direction will see.
-				unix.Shutdown(d.dst.fd, unix.SHUT_WR)
+				rawShutdownWrite(d.dst.fd)
 			}
 			return false
 		}
@@ -113,11 +113,9 @@ func (d *direction) fill(l *loop) (int, error) {
 	var n int
 	var err error
 	if d.pipe != nil {
-		var m int64
-		m, err = unix.Splice(d.src.fd, nil, d.pipe.w, nil, d.pipe.size, spliceFlags)
-		n = int(m)
+		n, err = rawSplice(d.src.fd, d.pipe.w, d.pipe.size)
 	} else {
-		n, err = unix.Read(d.src.fd, d.buf)
+		n, err = rawRead(d.src.fd, d.buf)
 	}
 	if err == nil {
 		d.pending, d.off = n, 0
@@ -130,11 +128,9 @@ func (d *direction) flush() (int, error) {
 	var n int
 	var err error
 	if d.pipe != nil {
-		var m int64
-		m, err = unix.Splice(d.pipe.r, nil, d.dst.fd, nil, d.pending, spliceFlags)
-		n = int(m)
+		n, err = rawSplice(d.pipe.r, d.dst.fd, d.pending)
 	} else {
-		n, err = unix.Write(d.dst.fd, d.buf[d.off:d.off+d.pending])
+		n, err = rawWrite(d.dst.fd, d.buf[d.off:d.off+d.pending])
 	}
 	if err != nil {
 		return 0, err
