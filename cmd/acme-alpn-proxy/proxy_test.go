@@ -3,7 +3,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"crypto/tls"
 	"io"
 	"log/slog"
 	"net"
@@ -12,6 +11,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/acme-alpn-proxy/acme-alpn-proxy/internal/hellotest"
 )
 
 // lockedBuffer collects log output from many goroutines.
@@ -96,8 +97,15 @@ func firstBytes(t *testing.T, proxyAddr string, alpn []string) string {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	tc := tls.Client(c, &tls.Config{ServerName: "example.org", NextProtos: alpn, InsecureSkipVerify: true})
-	go tc.Handshake() // sends the hello; the plain-text backends answer garbage to TLS
+	// crypto/tls's hello, written here rather than by a handshake, which
+	// would race this function for the backend's reply.
+	hello, err := hellotest.For("example.org", alpn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Write(hello); err != nil {
+		t.Fatal(err)
+	}
 	c.SetReadDeadline(time.Now().Add(3 * time.Second))
 	buf := make([]byte, 16)
 	n, err := c.Read(buf)
