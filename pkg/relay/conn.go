@@ -350,9 +350,10 @@ func (c *Conn) end(end string, err error, rst bool) {
 		c.hello = nil
 	}
 	c.phase = phaseDone
-	l.e.cfg.Done(c)
+	// Counted out first: whoever waits for Done must not see it Active.
 	l.load.Add(-1)
 	l.e.active.Add(-1)
+	l.e.cfg.Done(c)
 
 	*c = Conn{l: l, phase: phaseDone, client: c.client, backend: c.backend, up: c.up, down: c.down, alpnBuf: c.alpnBuf[:0]}
 	clear(c.alpnBuf[:cap(c.alpnBuf)])

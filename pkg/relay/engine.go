@@ -220,6 +220,13 @@ func (e *Engine) leastLoaded(l *loop) *loop {
 	return best
 }
 
+// rounds counts the times the loops woke up.
+func (e *Engine) rounds() int {
+	n := 0
+	e.each(func(l *loop) error { n += l.rounds; return nil })
+	return n
+}
+
 // each runs fn on every loop, in the loop's goroutine, and waits.
 func (e *Engine) each(fn func(*loop) error) error {
 	var errs []error

@@ -31,6 +31,7 @@ type loop struct {
 	sleeping atomic.Bool  // in (or about to enter) a blocking epoll_wait
 
 	quit      bool
+	rounds    int // epoll_wait returns, for tests that catch a spinning loop
 	listeners []int
 	// Accepting pauses after EMFILE and the like; see pauseAccept.
 	acceptPaused  bool
@@ -139,6 +140,7 @@ func (l *loop) run() {
 		}
 		n, err := unix.EpollWait(l.epfd, l.events[:], timeout)
 		l.sleeping.Store(false)
+		l.rounds++
 		if err != nil && err != unix.EINTR {
 			// Only a broken epoll fd gets here; say so, and stop this
 			// loop rather than spin.
