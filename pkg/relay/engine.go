@@ -7,7 +7,7 @@
 // An Engine runs one event loop per CPU (epoll, non-blocking sockets,
 // edge-triggered), not goroutines per connection: an idle proxied
 // connection costs its two sockets and a small struct, and a short one
-// about fifteen system calls in all. Splice pipes come from a per-loop
+// about 17 system calls in all. Splice pipes come from a per-loop
 // pool and are held only while bytes move.
 //
 //	e, err := relay.NewEngine(relay.Config{
