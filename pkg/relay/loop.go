@@ -13,9 +13,10 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// loop is one event loop: an epoll instance, the connections it accepted,
-// and the goroutine that serves them. Everything but cmds is touched only
-// by that goroutine.
+// loop is one event loop: an epoll instance, the connections it serves,
+// and the goroutine that runs it. Other goroutines touch only what mu
+// guards (cmds, handoffs, and wakefd's closing) and the atomics; the rest
+// is the loop goroutine's alone.
 type loop struct {
 	e      *Engine
 	epfd   int
