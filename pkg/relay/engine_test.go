@@ -427,3 +427,44 @@ func TestStopAcceptingWhenLoopBusy(t *testing.T) {
 		t.Errorf("Active() = %d after StopAccepting, want the 1 connection accepted before it", n)
 	}
 }
+
+// A burst of long-lived connections must not pile onto one loop: which
+// loop epoll wakes for the listener is the kernel's choice, so the loop
+// that accepts hands connections to a less busy one.
+func TestBurstSpreadsOverLoops(t *testing.T) {
+	h := newHarness(t, harnessOptions{Loops: 2})
+	const n = 16
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	for range n {
+		wg.Go(func() {
+			c, err := net.DialTCP("tcp", nil, h.front)
+			if err != nil {
+				errs <- err
+				return
+			}
+			t.Cleanup(func() { c.Close() })
+			c.Write([]byte("x"))
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	if !settle(func() bool { return h.e.Active() == n }) {
+		t.Fatalf("Active() = %d, want %d", h.e.Active(), n)
+	}
+	var per []int
+	h.e.each(func(l *loop) error {
+		k := 0
+		for c := l.live.head; c != nil; c = c.lnext {
+			k++
+		}
+		per = append(per, k)
+		return nil
+	})
+	if len(per) != 2 || per[0]+per[1] != n || max(per[0], per[1])-min(per[0], per[1]) > 2 {
+		t.Errorf("connections per loop %v, want %d split within 2", per, n)
+	}
+}
