@@ -5,12 +5,10 @@ import (
 	"log/slog"
 	"net/netip"
 	"runtime"
-	"strings"
 	"sync"
 	"time"
 
 	"github.com/acme-alpn-proxy/acme-alpn-proxy/pkg/relay"
-	"github.com/acme-alpn-proxy/acme-alpn-proxy/pkg/sniff"
 )
 
 // proxy routes intercepted connections by their ClientHello; the relay
@@ -22,6 +20,7 @@ type proxy struct {
 	port       uint16         // the web server's port, for the original destination
 	listenPort uint16
 	engine     *relay.Engine
+	conns      *connLog
 
 	warnMu   sync.Mutex
 	lastWarn time.Time
@@ -30,14 +29,14 @@ type proxy struct {
 
 // newProxy starts the engine; serve then hands it the listeners.
 func newProxy(log *slog.Logger, alpn, fallback netip.AddrPort, port, listenPort uint16, helloTimeout, dialTimeout time.Duration) (*proxy, error) {
-	p := &proxy{log: log, alpn: alpn, fallback: fallback, port: port, listenPort: listenPort}
+	p := &proxy{log: log, alpn: alpn, fallback: fallback, port: port, listenPort: listenPort, conns: newConnLog(log)}
 	var err error
 	p.engine, err = relay.NewEngine(relay.Config{
 		Loops:        eventLoops(),
 		HelloTimeout: helloTimeout,
 		DialTimeout:  dialTimeout,
 		Route:        p.route,
-		Done:         p.logConn,
+		Done:         p.conns.add,
 		AcceptError:  p.acceptFailed,
 	})
 	if err != nil {
@@ -81,8 +80,15 @@ func (p *proxy) inFlight() int { return p.engine.Active() }
 // rest and stops the engine. It returns how many were cut off.
 func (p *proxy) drain(ctx context.Context) int {
 	n := p.engine.Drain(ctx)
-	p.engine.Close()
+	p.close()
 	return n
+}
+
+// close cuts whatever is left, stops the engine and writes the last
+// connection lines. Calling it twice is harmless.
+func (p *proxy) close() {
+	p.engine.Close()
+	p.conns.close()
 }
 
 // acceptFailed logs accept errors (EMFILE and the like) at most once a
@@ -122,41 +128,4 @@ func (p *proxy) originalDst(c *relay.Conn) netip.AddrPort {
 		}
 	}
 	return netip.AddrPortFrom(addr.Unmap(), p.port)
-}
-
-// logConn writes the connection's one log line.
-func (p *proxy) logConn(c *relay.Conn) {
-	level := slog.LevelInfo
-	if c.End == relay.EndDialFailed {
-		level = slog.LevelWarn
-	}
-	route := c.Route
-	if route == "" {
-		route = "none"
-	}
-	attrs := make([]slog.Attr, 0, 12)
-	attrs = append(attrs,
-		slog.String("client", c.Client.String()),
-		slog.String("sni", c.ServerName),
-		slog.String("alpn", strings.Join(c.ALPN, ",")),
-		slog.String("route", route),
-		slog.String("backend", backendName(c.Backend)),
-		slog.Int64("up", c.Up),
-		slog.Int64("down", c.Down),
-		slog.Duration("dur", c.Duration),
-		slog.String("end", c.End))
-	if c.Hello != sniff.Complete {
-		attrs = append(attrs, slog.String("hello", c.Hello.String()))
-	}
-	if c.Err != nil {
-		attrs = append(attrs, slog.String("err", c.Err.Error()))
-	}
-	p.log.LogAttrs(context.Background(), level, "conn", attrs...)
-}
-
-func backendName(a netip.AddrPort) string {
-	if !a.IsValid() {
-		return ""
-	}
-	return a.String()
 }

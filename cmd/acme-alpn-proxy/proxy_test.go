@@ -27,6 +27,32 @@ func (l *lockedBuffer) Write(p []byte) (int, error) {
 	return l.b.Write(p)
 }
 
+// await waits up to 5 s for a log line containing every one of parts:
+// connection lines reach the log a little after the connection ends.
+func (l *lockedBuffer) await(parts ...string) bool {
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		for _, line := range strings.Split(l.String(), "\n") {
+			if containsAll(line, parts) {
+				return true
+			}
+		}
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func containsAll(s string, parts []string) bool {
+	for _, p := range parts {
+		if !strings.Contains(s, p) {
+			return false
+		}
+	}
+	return true
+}
+
 func (l *lockedBuffer) String() string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -64,13 +90,19 @@ func namedBackend(t *testing.T, name string) (addr string, got chan []byte) {
 
 func startTestProxy(t *testing.T, alpn, fallback string, helloTimeout time.Duration) (*proxy, string, *lockedBuffer) {
 	t.Helper()
+	logs := &lockedBuffer{}
+	p, addr := startTestProxyLog(t, alpn, fallback, helloTimeout, logs)
+	return p, addr, logs
+}
+
+func startTestProxyLog(t *testing.T, alpn, fallback string, helloTimeout time.Duration, logTo io.Writer) (*proxy, string) {
+	t.Helper()
 	ls, err := listenAll(context.Background(), "127.0.0.1:0", false, false)
 	if err != nil {
 		t.Fatal(err)
 	}
 	addr := netip.MustParseAddrPort(ls.addrs[0])
-	logs := &lockedBuffer{}
-	p, err := newProxy(slog.New(slog.NewTextHandler(logs, nil)), netip.MustParseAddrPort(alpn), netip.MustParseAddrPort(fallback),
+	p, err := newProxy(slog.New(slog.NewTextHandler(logTo, nil)), netip.MustParseAddrPort(alpn), netip.MustParseAddrPort(fallback),
 		443, addr.Port(), helloTimeout, time.Second)
 	if err != nil {
 		ls.Close()
@@ -85,7 +117,7 @@ func startTestProxy(t *testing.T, alpn, fallback string, helloTimeout time.Durat
 	if err := p.serve(ls); err != nil {
 		t.Fatal(err)
 	}
-	return p, addr.String(), logs
+	return p, addr.String()
 }
 
 // firstBytes dials the proxy, sends a ClientHello offering alpn, and
@@ -145,8 +177,7 @@ func TestProxyRoutesByALPN(t *testing.T) {
 			t.Errorf("backend %s got no bytes", tc.want)
 		}
 	}
-	time.Sleep(100 * time.Millisecond)
-	if !strings.Contains(logs.String(), `route=acme`) || !strings.Contains(logs.String(), `sni=example.org`) {
+	if !logs.await(`route=acme`, `sni=example.org`) {
 		t.Errorf("log lacks route/sni fields:\n%s", logs)
 	}
 }
@@ -186,8 +217,7 @@ func TestProxyClosesStalledClientAtHelloTimeout(t *testing.T) {
 	} else if ne, ok := err.(net.Error); ok && ne.Timeout() {
 		t.Fatal("stalled client was not closed by the proxy")
 	}
-	time.Sleep(50 * time.Millisecond)
-	if !strings.Contains(logs.String(), `end="hello timeout"`) {
+	if !logs.await(`end="hello timeout"`) {
 		t.Errorf("log does not say hello timeout:\n%s", logs)
 	}
 }
@@ -214,7 +244,7 @@ func TestProxySurvivesDeadBackend(t *testing.T) {
 	if n := p.inFlight(); n != 0 {
 		t.Errorf("%d connections still tracked after their backend refused", n)
 	}
-	if !strings.Contains(logs.String(), `end="dial failed"`) {
+	if !logs.await(`end="dial failed"`) {
 		t.Errorf("log does not say dial failed:\n%s", logs)
 	}
 }
@@ -233,5 +263,53 @@ func TestDrainCutsOffAtDeadline(t *testing.T) {
 	defer cancel()
 	if cut := p.drain(ctx); cut != 1 {
 		t.Fatalf("drain cut %d connections, want the 1 still open", cut)
+	}
+}
+
+// gatedWriter is a log whose writes block until open is closed, like a
+// terminal paused with Ctrl-S.
+type gatedWriter struct {
+	open chan struct{}
+	lockedBuffer
+}
+
+func (g *gatedWriter) Write(p []byte) (int, error) {
+	<-g.open
+	return g.lockedBuffer.Write(p)
+}
+
+// A log that blocks must not stall connections: their lines wait, and are
+// all written once the log moves again.
+func TestBlockedLogDoesNotStallConnections(t *testing.T) {
+	web, _ := namedBackend(t, "web")
+	logs := &gatedWriter{open: make(chan struct{})}
+	_, addr := startTestProxyLog(t, "127.0.0.1:1", web, 5*time.Second, logs)
+	var once sync.Once
+	unblock := func() { once.Do(func() { close(logs.open) }) }
+	t.Cleanup(unblock) // before the proxy's cleanup, which writes the log
+
+	const n = 12 // namedBackend's connections end only while its channel has room
+	for i := range n {
+		c, err := net.DialTimeout("tcp", addr, time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Write([]byte("GET / HTTP/1.0\r\n\r\n"))
+		c.SetReadDeadline(time.Now().Add(3 * time.Second))
+		buf := make([]byte, 3)
+		if _, err := io.ReadFull(c, buf); err != nil {
+			c.Close()
+			t.Fatalf("connection %d, with the log blocked: %v", i, err)
+		}
+		c.Close()
+		time.Sleep(5 * time.Millisecond) // let the line be queued and the log block
+	}
+	unblock()
+	deadline := time.Now().Add(5 * time.Second)
+	for strings.Count(logs.String(), "msg=conn") < n && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := strings.Count(logs.String(), "msg=conn"); got != n {
+		t.Errorf("%d connection lines once the log moved, want %d", got, n)
 	}
 }

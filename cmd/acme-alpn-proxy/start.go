@@ -252,7 +252,7 @@ func (in *instance) shutdown(force <-chan os.Signal) {
 func (in *instance) teardown() {
 	if in.p != nil {
 		in.p.stopAccepting(in.ls)
-		in.p.engine.Close()
+		in.p.close()
 	} else if in.ls != nil {
 		in.ls.Close()
 	}
