@@ -98,7 +98,9 @@ func (p *proxy) acceptFailed(err error) {
 	defer p.warnMu.Unlock()
 	p.failures++
 	if time.Since(p.lastWarn) >= time.Second {
-		p.log.Warn("accept failed; backing off", "err", err, "failures", p.failures)
+		// Written from its own goroutine: this runs on an event loop,
+		// which a stalled log must not hold up (see connLog).
+		go p.log.Warn("accept failed; backing off", "err", err, "failures", p.failures)
 		p.lastWarn, p.failures = time.Now(), 0
 	}
 }
