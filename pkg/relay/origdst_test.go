@@ -53,22 +53,24 @@ func TestParseSockaddr(t *testing.T) {
 	}
 }
 
-// TestOriginalDst redirects connections in a private network namespace
-// and checks that OriginalDst recovers the address the client dialed,
-// for IPv4, IPv6 and IPv4 through a dual-stack listener.
-func TestOriginalDst(t *testing.T) {
+// redirectNetns makes a private network namespace with 198.18.0.1 and
+// fd00::1 on its loopback and the given NAT redirect rules on output.
+func redirectNetns(t *testing.T, rules ...string) *netns {
+	t.Helper()
 	requireRoot(t)
 	ns := newNetns(t)
 	ns.run(t, "ip link set lo up",
 		"ip addr add 198.18.0.1/32 dev lo",
-		"ip -6 addr add fd00::1/128 dev lo")
-	ns.nft(t, `table inet rltest {
-		chain out {
-			type nat hook output priority -110;
-			tcp dport 443 redirect to :21443
-			tcp dport 444 redirect to :21444
-		}
-	}`)
+		"ip -6 addr add fd00::1/128 dev lo nodad")
+	ns.nft(t, "table inet rltest { chain out { type nat hook output priority -110; "+strings.Join(rules, "; ")+"; } }")
+	return ns
+}
+
+// TestOriginalDst redirects connections in a private network namespace
+// and checks that OriginalDst recovers the address the client dialed,
+// for IPv4, IPv6 and IPv4 through a dual-stack listener.
+func TestOriginalDst(t *testing.T) {
+	ns := redirectNetns(t, "tcp dport 443 redirect to :21443", "tcp dport 444 redirect to :21444")
 
 	var dualStack, v4Only net.Listener
 	ns.do(t, func() (err error) {
@@ -119,17 +121,7 @@ func TestOriginalDst(t *testing.T) {
 // redirect target, Client the client's plain (unmapped) address. The
 // engine's loops and its backend stay in the test's own namespace.
 func TestConnOriginalDst(t *testing.T) {
-	requireRoot(t)
-	ns := newNetns(t)
-	ns.run(t, "ip link set lo up",
-		"ip addr add 198.18.0.1/32 dev lo",
-		"ip -6 addr add fd00::1/128 dev lo nodad")
-	ns.nft(t, `table inet rltest {
-		chain out {
-			type nat hook output priority -110;
-			tcp dport 443 redirect to :21443
-		}
-	}`)
+	ns := redirectNetns(t, "tcp dport 443 redirect to :21443")
 
 	type seen struct {
 		client, local, orig netip.AddrPort
