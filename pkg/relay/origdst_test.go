@@ -62,7 +62,8 @@ func redirectNetns(t *testing.T, rules ...string) *netns {
 	ns.run(t, "ip link set lo up",
 		"ip addr add 198.18.0.1/32 dev lo",
 		"ip -6 addr add fd00::1/128 dev lo nodad")
-	ns.nft(t, "table inet rltest { chain out { type nat hook output priority -110; "+strings.Join(rules, "; ")+"; } }")
+	ns.nft(t, "table inet rltest {\n\tchain out {\n\t\ttype nat hook output priority -110;\n\t\t"+
+		strings.Join(rules, "\n\t\t")+"\n\t}\n}\n")
 	return ns
 }
 
