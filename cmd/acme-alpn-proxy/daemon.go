@@ -9,6 +9,8 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
 // start -d re-executes the binary as a foreground `start` in a new session
@@ -17,8 +19,9 @@ import (
 
 const readyFDEnv = "ACME_ALPN_PROXY_READY_FD"
 
-// readyPipe is the write end the child reports its start-up result on.
-type readyPipe struct{ f *os.File }
+// readyPipe is the write end the child reports its start-up result on, a
+// bare descriptor (fd 0: none) so that no finalizer closes it behind us.
+type readyPipe struct{ fd int }
 
 func readyPipeFromEnv() readyPipe {
 	fd, err := strconv.Atoi(os.Getenv(readyFDEnv))
@@ -26,7 +29,8 @@ func readyPipeFromEnv() readyPipe {
 	if err != nil || fd < 3 {
 		return readyPipe{}
 	}
-	return readyPipe{f: os.NewFile(uintptr(fd), "ready")}
+	unix.CloseOnExec(fd)
+	return readyPipe{fd: fd}
 }
 
 // report sends "ready" or the error, once, and closes the pipe.
@@ -41,12 +45,20 @@ func (r readyPipe) report(err error) {
 // reportRunning tells the parent that another instance already runs.
 func (r readyPipe) reportRunning(err error) { r.send("running: " + err.Error()) }
 
+// send writes one line (less than PIPE_BUF, so in one piece), then closes
+// the pipe by putting /dev/null in its place: its descriptor number is
+// below the nftables socket's and must stay taken (see startInstance).
 func (r readyPipe) send(msg string) {
-	if r.f == nil {
+	if r.fd == 0 {
 		return
 	}
-	r.f.WriteString(strings.ReplaceAll(msg, "\n", " ") + "\n")
-	r.f.Close()
+	unix.Write(r.fd, []byte(strings.ReplaceAll(msg, "\n", " ")+"\n"))
+	if null, err := unix.Open(os.DevNull, unix.O_RDWR|unix.O_CLOEXEC, 0); err == nil {
+		unix.Dup3(null, r.fd, unix.O_CLOEXEC)
+		unix.Close(null)
+	} else {
+		unix.Close(r.fd)
+	}
 }
 
 func startDaemon(cfg config, stdout, stderr io.Writer) int {
