@@ -5,11 +5,14 @@ package e2e
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
+	"os"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -424,6 +427,105 @@ func TestKill9(t *testing.T) {
 			t.Errorf("status after cleaning stop: exit %d, want 3", code)
 		}
 	})
+}
+
+// 7b. kill -9 ends every connection through the proxy in a way its client
+// sees at once: the kernel closes the dead process's sockets, sending a FIN
+// on each relayed connection and a reset on each one still queued for
+// accept. In redirect mode those packets need the reverse NAT, which goes
+// with our owner table when the kernel releases the table's netlink socket;
+// a socket released after it answers from :21443, which the client ignores,
+// so a client waiting for an answer waits until its own timeout. (The
+// kernel releases a dead process's files highest descriptor first.)
+// Both as a foreground `start` and as `start -d`, whose child reports on a
+// pipe and then must not leave that descriptor free for a connection.
+func TestKill9ClientsSeeTheEnd(t *testing.T) {
+	forEachVariantWhere(t, func(v Variant) bool { return v.Backend == "nft" }, func(t *testing.T, v Variant) {
+		for _, detached := range []bool{false, true} {
+			name := "foreground"
+			if detached {
+				name = "detached"
+			}
+			t.Run(name, func(t *testing.T) { testKill9ClientsSeeTheEnd(t, v, detached) })
+		}
+	})
+}
+
+func testKill9ClientsSeeTheEnd(t *testing.T, v Variant, detached bool) {
+	s := NewSite(t)
+	var pause, kill9 func()
+	if detached {
+		p, _ := detachedProxy(t, s, v)
+		if r := p.RunT("start", "-d"); r.Code != 0 {
+			t.Fatalf("start -d: %v", r)
+		}
+		pid := pidFromFile(p.PidFile)
+		if pid <= 0 {
+			t.Fatal("start -d recorded no PID")
+		}
+		pause = func() { syscall.Kill(pid, syscall.SIGSTOP) }
+		kill9 = func() {
+			syscall.Kill(pid, syscall.SIGKILL)
+			// Dead once gone or a zombie: its files are closed then.
+			if !eventually(10*time.Second, func() bool {
+				b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+				return err != nil || strings.Contains(string(b), ") Z ")
+			}) {
+				t.Fatalf("background instance %d still alive 10 s after SIGKILL", pid)
+			}
+		}
+	} else {
+		p := s.NewProxy(t, v)
+		p.Start()
+		pause = func() { p.Signal(syscall.SIGSTOP) }
+		kill9 = p.Kill9
+	}
+	// A relayed connection must end with a FIN (EOF), as from a server
+	// that closed; one never accepted with the listener's reset.
+	type clientConn struct {
+		name string
+		net.Conn
+		want error
+	}
+	var conns []clientConn
+	for _, f := range families {
+		for i := range 3 {
+			sess, err := s.Cli.OpenTLS(timeout(t, 10*time.Second), s.ServerAddr(f, 443), []string{"h2"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sess.Close()
+			requireProxied(t, s, f, sess.Answer)
+			conns = append(conns, clientConn{fmt.Sprintf("%v relayed #%d", f, i), sess.Conn, io.EOF})
+		}
+	}
+	// Stopped, the proxy accepts nothing: these stay in its listeners'
+	// accept queues, their clients waiting for an answer.
+	pause()
+	for _, f := range families {
+		for i := range 3 {
+			c, err := s.Cli.Dial(timeout(t, 5*time.Second), s.ServerAddr(f, 443))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			if _, err := c.Write([]byte("\x16\x03\x01")); err != nil {
+				t.Fatal(err)
+			}
+			conns = append(conns, clientConn{fmt.Sprintf("%v queued #%d", f, i), c, syscall.ECONNRESET})
+		}
+	}
+	kill9()
+	for _, c := range conns {
+		c.SetReadDeadline(time.Now().Add(3 * time.Second))
+		_, err := c.Read(make([]byte, 1))
+		switch {
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			t.Errorf("%s: no end seen 3 s after kill -9; its client would wait for its own timeout", c.name)
+		case !errors.Is(err, c.want):
+			t.Errorf("%s: read after kill -9 returned %v, want %v", c.name, err, c.want)
+		}
+	}
 }
 
 // 8. A connection made straight to the web server before start keeps

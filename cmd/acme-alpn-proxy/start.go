@@ -112,6 +112,16 @@ func startInstance(cfg config, log *slog.Logger, lock *pidLock) (in *instance, e
 	if !cfg.noRedirect && host != "" && !net.ParseIP(host).IsUnspecified() {
 		return in, fmt.Errorf("-listen %s: intercepted connections arrive on a wildcard address; use -listen :%d (or -no-redirect to listen on a specific address)", cfg.listen, cfg.listenPort)
 	}
+	if !cfg.noRedirect {
+		// The backend opens before any socket of the proxy: at kill -9 the
+		// kernel releases a process's descriptors highest first, and our
+		// owner tables, with the reverse NAT of redirected connections, go
+		// with the netlink socket. Below every listener and connection it
+		// goes last, after each client has been sent its FIN or reset.
+		if in.ic, in.backendName, err = chooseBackend(cfg, log); err != nil {
+			return in, err
+		}
+	}
 	transparent := !cfg.noRedirect && cfg.mode != "redirect" && cfg.ruleSpec == ""
 	in.ls, err = listenAll(context.Background(), cfg.listen, transparent, !cfg.disableV6)
 	if err != nil {
@@ -153,10 +163,6 @@ func startInstance(cfg config, log *slog.Logger, lock *pidLock) (in *instance, e
 		if err := preflight(cfg, families); err != nil {
 			return in, err
 		}
-	}
-	in.ic, in.backendName, err = chooseBackend(cfg, log)
-	if err != nil {
-		return in, err
 	}
 	if n := deleteStaleConntrack(cfg); n > 0 {
 		log.Info("deleted conntrack entries a killed instance left", "count", n)
