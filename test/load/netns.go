@@ -214,14 +214,10 @@ func (r *runner) kill9(mode string) error {
 	out.row(sc, fmt.Sprintf("requests started before the kill (%d/s; each: hello, echo, 300 ms, echo)", rate), before.String(), check(directBefore == 0))
 	out.row(sc, "long-lived connections exchanging every 100 ms at the kill", long.String(), verdictInfo)
 	toldAfter := told.snapshot()
-	// In redirect mode the kernel may delete the owner table (and so the
-	// reverse NAT) before it closes the killed proxy's sockets: their FINs
-	// then leave from :21443 and the client only learns when it next sends
-	// (README, Limits). Informational there; required in tproxy mode.
+	// Each must learn at once, by the FIN or reset the kernel sends when it
+	// closes the dead proxy's sockets: in redirect mode these need the
+	// reverse NAT, gone with the owner table (README, Crash safety).
 	toldVerdict := check(len(toldAfter) == r.n(50))
-	if mode == "redirect" {
-		toldVerdict = verdictInfo
-	}
 	out.row(sc, "idle connections waiting for the server at the kill: how they learnt (time after the kill)", fmt.Sprintf("%s; %s", waiting, dist(toldAfter)), toldVerdict)
 	out.row(sc, fmt.Sprintf("requests started while the killed proxy exited (%s)", ms(exitedAt.Sub(killedAt))), dying.String(), verdictInfo)
 	out.row(sc, "requests started after it exited", after.String(), check(after["ok"] > 0 && len(after) == 1))
