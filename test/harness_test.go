@@ -467,6 +467,9 @@ type Proxy struct {
 	PidFile string
 	flags   []string // before the subcommand on every invocation
 	environ []string
+	// Wrapper, if set, runs the binary inside the namespace: its argv,
+	// then the binary's (e.g. a shell that sets signal dispositions).
+	Wrapper []string
 	log     syncBuffer // stderr of every start child, in order
 
 	mu       sync.Mutex
@@ -503,7 +506,8 @@ func (e *Env) NewProxy(t testing.TB, v Variant, extra ...string) *Proxy {
 }
 
 func (p *Proxy) command(ctx context.Context, args ...string) *exec.Cmd {
-	argv := append([]string{"netns", "exec", p.env.Srv.Name, proxyBin}, p.flags...)
+	argv := append(append([]string{"netns", "exec", p.env.Srv.Name}, p.Wrapper...), proxyBin)
+	argv = append(argv, p.flags...)
 	cmd := exec.CommandContext(ctx, "ip", append(argv, args...)...)
 	cmd.Env = p.environ
 	// Own process group: a terminal's or the test runner's signals do not

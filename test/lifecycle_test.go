@@ -260,21 +260,9 @@ func TestSecondSignalForcesExit(t *testing.T) {
 		s := newTaggedSite(t)
 		p := s.NewProxy(t, v, "-drain-timeout", "60s")
 		p.Start()
-		sess, err := s.Cli.OpenTLS(timeout(t, 10*time.Second), s.ServerAddr(IPv4, 443), []string{"h2"})
-		if err != nil {
-			t.Fatal(err)
-		}
+		sess := openProxied(t, s)
 		defer sess.Close()
-		requireProxied(t, s, IPv4, sess.Answer)
-
-		p.Signal(syscall.SIGINT)
-		var last Answer
-		if !eventually(5*time.Second, func() bool {
-			last = s.Cli.MustRequest(t, s.ServerAddr(IPv4, 443), []string{"h2"})
-			return last.Peer.Addr() == s.ClientAddr(IPv4)
-		}) {
-			t.Fatalf("5 s after SIGINT new connections still reach the proxy (web saw %s)", last.Peer)
-		}
+		signalAndRequireBypass(t, s, p, syscall.SIGINT)
 		if err := sess.Echo("during the drain"); err != nil {
 			t.Fatalf("in-flight connection broke after the first SIGINT: %v", err)
 		}
@@ -302,6 +290,175 @@ func TestSecondSignalForcesExit(t *testing.T) {
 		if code := p.Status(); code != 3 {
 			t.Errorf("status after the forced exit: exit %d, want 3", code)
 		}
+	})
+}
+
+// openProxied opens a TLS session through the proxy (IPv4, h2).
+func openProxied(t *testing.T, s *Site) *Session {
+	t.Helper()
+	sess, err := s.Cli.OpenTLS(timeout(t, 10*time.Second), s.ServerAddr(IPv4, 443), []string{"h2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	requireProxied(t, s, IPv4, sess.Answer)
+	return sess
+}
+
+// signalAndRequireBypass sends sig to the proxy and requires new
+// connections, acme-tls/1 ones too, to reach the web server directly
+// within 5 s: the interception went first.
+func signalAndRequireBypass(t *testing.T, s *Site, p *Proxy, sig syscall.Signal) {
+	t.Helper()
+	p.Signal(sig)
+	var last Answer
+	if !eventually(5*time.Second, func() bool {
+		last = s.Cli.MustRequest(t, s.ServerAddr(IPv4, 443), []string{ACMEALPN})
+		return last.Server == "web" && last.Peer.Addr() == s.ClientAddr(IPv4)
+	}) {
+		t.Fatalf("5 s after %v new connections still reach the proxy (%s saw %s)", sig, last.Server, last.Peer)
+	}
+}
+
+// signalVariant: signal handling is the same code for every backend.
+func signalVariant(v Variant) bool { return v.Backend == "nft" && v.Mode == "redirect" }
+
+// SIGHUP (the terminal went away) stops the proxy like SIGTERM: the
+// interception goes, the in-flight connection finishes, exit 0. Started
+// under nohup (SIGHUP ignored), the proxy keeps running.
+func TestHangupStopsCleanly(t *testing.T) {
+	forEachVariantWhere(t, signalVariant, func(t *testing.T, v Variant) {
+		t.Run("terminal", func(t *testing.T) {
+			s := newTaggedSite(t)
+			p := s.NewProxy(t, v, "-drain-timeout", "60s")
+			p.Start()
+			sess := openProxied(t, s)
+			defer sess.Close()
+			signalAndRequireBypass(t, s, p, syscall.SIGHUP)
+			if err := sess.Echo("during the drain"); err != nil {
+				t.Fatalf("in-flight connection broke after SIGHUP: %v", err)
+			}
+			sess.Close()
+			if err := p.WaitExit(10 * time.Second); err != nil {
+				t.Fatalf("not exited 10 s after its last connection closed: %v", err)
+			}
+			if err := p.ExitErr(); err != nil {
+				t.Errorf("exit after SIGHUP: %v, want 0", err)
+			}
+			if !logHas(p.RunLog(), "msg=stopping", "signal=hangup") {
+				t.Error("no msg=stopping line naming the hangup")
+			}
+			requireNoRules(t, s, v)
+		})
+		t.Run("nohup", func(t *testing.T) {
+			s := newTaggedSite(t)
+			p := s.NewProxy(t, v)
+			p.Wrapper = []string{"sh", "-c", `trap "" HUP; exec "$@"`, "sh"}
+			p.Start()
+			p.Signal(syscall.SIGHUP)
+			select {
+			case <-p.Done():
+				t.Fatalf("SIGHUP ended a proxy started with it ignored: %v", p.ExitErr())
+			case <-time.After(time.Second):
+			}
+			if a := s.Cli.MustRequest(t, s.ServerAddr(IPv4, 443), []string{ACMEALPN}); a.Server != "acme" {
+				t.Fatalf("after an ignored SIGHUP, acme-tls/1 answered by %q", a.Server)
+			}
+			p.Stop()
+		})
+	})
+}
+
+// A log reader on stderr that goes away (a pipe to a collector that
+// restarts) must not take the proxy down with the next log line: the
+// default SIGPIPE on fd 2 would end it mid-connection.
+func TestLogReaderGoneKeepsServing(t *testing.T) {
+	forEachVariantWhere(t, signalVariant, func(t *testing.T, v Variant) {
+		s := newTaggedSite(t)
+		p := s.NewProxy(t, v)
+		cmd := p.command(context.Background(), "start")
+		pr, pw, err := os.Pipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		cmd.Stdout, cmd.Stderr = pw, pw
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		pw.Close()
+		var waitErr error
+		exited := make(chan struct{})
+		go func() { waitErr = cmd.Wait(); close(exited) }()
+		t.Cleanup(func() {
+			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+			<-exited
+		})
+		ready := make(chan bool, 1)
+		go func() {
+			sc := bufio.NewScanner(pr)
+			for sc.Scan() {
+				if strings.Contains(sc.Text(), "msg=ready") {
+					ready <- true
+					return
+				}
+			}
+			ready <- false
+		}()
+		select {
+		case ok := <-ready:
+			if !ok {
+				<-exited
+				t.Fatalf("proxy ended before ready: %v", waitErr)
+			}
+		case <-time.After(20 * time.Second):
+			t.Fatal("proxy not ready after 20 s")
+		}
+		pr.Close()
+		for i := range 3 {
+			if a := s.Cli.MustRequest(t, s.ServerAddr(IPv4, 443), []string{ACMEALPN}); a.Server != "acme" {
+				t.Fatalf("request %d after the log reader left: answered by %q, want the proxy's acme route", i, a.Server)
+			}
+		}
+		select {
+		case <-exited:
+			t.Fatalf("proxy ended after its log reader left: %v", waitErr)
+		case <-time.After(200 * time.Millisecond):
+		}
+		if r := p.RunT("stop"); r.Code != 0 {
+			t.Fatalf("stop: %v", r)
+		}
+		select {
+		case <-exited:
+			if waitErr != nil {
+				t.Errorf("exit after stop: %v, want 0", waitErr)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("not exited 10 s after stop")
+		}
+		requireNoRules(t, s, v)
+	})
+}
+
+// Ctrl-Z would suspend the proxy with the interception live, and every new
+// connection to port 443 would wait in its accept queue: it is refused.
+func TestCtrlZDoesNotSuspend(t *testing.T) {
+	forEachVariantWhere(t, signalVariant, func(t *testing.T, v Variant) {
+		s := newTaggedSite(t)
+		p := s.NewProxy(t, v)
+		p.Start()
+		p.Signal(syscall.SIGTSTP)
+		time.Sleep(200 * time.Millisecond)
+		ctx := timeout(t, 5*time.Second)
+		a, err := s.Cli.Request(ctx, s.ServerAddr(IPv4, 443), []string{ACMEALPN})
+		if err != nil {
+			t.Fatalf("request after SIGTSTP: %v (a suspended proxy leaves it waiting)", err)
+		}
+		if a.Server != "acme" {
+			t.Fatalf("after SIGTSTP, acme-tls/1 answered by %q", a.Server)
+		}
+		if !eventually(2*time.Second, func() bool { return logHas(p.RunLog(), "not suspending") }) {
+			t.Error("no warning about the refused suspension")
+		}
+		p.Stop()
 	})
 }
 

@@ -11,8 +11,8 @@ import (
 
 // runWrapped starts the proxy, runs the command with inherited stdio while
 // the interception is live, then stops with a drain and exits with the
-// command's status. SIGINT and SIGTERM go to the command; whatever happens
-// the interception is removed before we exit.
+// command's status. The stop signals (notifyStop) go to the command;
+// whatever happens the interception is removed before we exit.
 func runWrapped(cfg config, argv []string, stderr io.Writer) int {
 	lock, err := lockPidfile(cfg.pidfile)
 	if err != nil {

@@ -11,7 +11,6 @@ import (
 	"os"
 	"os/signal"
 	"runtime/pprof"
-	"syscall"
 	"time"
 
 	"github.com/acme-alpn-proxy/acme-alpn-proxy/pkg/intercept"
@@ -71,9 +70,11 @@ type launched struct {
 	log     *slog.Logger
 	logFile io.Closer
 	sigs    chan os.Signal
+
+	stopRefusing func() // see refuseSuspend
 }
 
-// launch opens the log, catches SIGINT and SIGTERM — from here on a signal
+// launch opens the log, catches the stop signals — from here on a signal
 // during start-up still removes whatever was installed — and starts the
 // instance. On error the lock is released.
 func launch(cfg config, lock *pidLock, stderr io.Writer) (*launched, error) {
@@ -83,7 +84,8 @@ func launch(cfg config, lock *pidLock, stderr io.Writer) (*launched, error) {
 		return nil, err
 	}
 	l := &launched{log: log, logFile: logFile, sigs: make(chan os.Signal, 4)}
-	signal.Notify(l.sigs, syscall.SIGINT, syscall.SIGTERM)
+	notifyStop(l.sigs)
+	l.stopRefusing = refuseSuspend(log)
 	if l.in, err = startInstance(cfg, log, lock); err != nil {
 		log.Error("start failed", "err", err)
 		l.close()
@@ -94,6 +96,7 @@ func launch(cfg config, lock *pidLock, stderr io.Writer) (*launched, error) {
 
 func (l *launched) close() {
 	signal.Stop(l.sigs)
+	l.stopRefusing()
 	l.logFile.Close()
 }
 
