@@ -462,6 +462,32 @@ func TestCtrlZDoesNotSuspend(t *testing.T) {
 	})
 }
 
+// A proxy suspended with SIGSTOP (a debugger, kill -STOP) leaves redirected
+// connections waiting: status says so, and stop resumes it so that it acts
+// on the stop at once instead of timing out with the interception live.
+func TestStopResumesSuspendedInstance(t *testing.T) {
+	forEachVariantWhere(t, signalVariant, func(t *testing.T, v Variant) {
+		s := newTaggedSite(t)
+		p := s.NewProxy(t, v, "-drain-timeout", "2s")
+		p.Start()
+		p.Signal(syscall.SIGSTOP)
+		var r Result
+		if !eventually(5*time.Second, func() bool { r = p.RunT("status"); return r.Code == 1 }) || !strings.Contains(r.Output, "suspended") {
+			t.Errorf("status of a suspended instance: %v; want exit 1 saying it is suspended", r)
+		}
+		// Unresumed, the instance never acts on SIGTERM: stop gives up
+		// after -drain-timeout + 30 s with exit 1.
+		if r := p.RunT("stop"); r.Code != 0 {
+			t.Fatalf("stop of a suspended instance: %v", r)
+		}
+		if err := p.WaitExit(2 * time.Second); err != nil {
+			t.Fatalf("stop returned 0 but the instance did not exit: %v", err)
+		}
+		requireNoRules(t, s, v)
+		requireBypassed(t, s)
+	})
+}
+
 func isTimeout(err error) bool {
 	var ne net.Error
 	return errors.As(err, &ne) && ne.Timeout()

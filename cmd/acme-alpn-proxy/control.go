@@ -1,9 +1,11 @@
 package main
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"os/exec"
 	"strings"
 	"syscall"
@@ -48,6 +50,8 @@ func stop(cfg config, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "acme-alpn-proxy: signalling pid %d: %v\n", st.pid, err)
 		return exitFailure
 	}
+	// A suspended instance (SIGSTOP) acts on SIGTERM only once resumed.
+	syscall.Kill(st.pid, syscall.SIGCONT)
 	deadline := time.Now().Add(cfg.drainTimeout + 30*time.Second)
 	for time.Now().Before(deadline) {
 		if still, _, _ := probePidfile(cfg.pidfile); !still {
@@ -79,6 +83,10 @@ func status(cfg config, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stdout, "running, state unknown: %v\n", err)
 		return exitFailure
 	}
+	if suspended(st.pid) {
+		fmt.Fprintf(stdout, "running (pid %d) but suspended (SIGSTOP): connections sent to it wait until it gets SIGCONT; `acme-alpn-proxy stop` resumes and stops it\n", st.pid)
+		return exitFailure
+	}
 	if st.backend == "none" {
 		fmt.Fprintf(stdout, "running (pid %d), no interception (-no-redirect)\n", st.pid)
 		return exitOK
@@ -94,6 +102,17 @@ func status(cfg config, stdout, stderr io.Writer) int {
 	}
 	fmt.Fprintf(stdout, "running (pid %d), backend %s, mode %s, interception active\n%s", st.pid, st.backend, st.mode, desc)
 	return exitOK
+}
+
+// suspended reports whether pid is stopped by a signal or a tracer.
+func suspended(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	// "pid (comm) S ...": comm may hold spaces and parentheses.
+	i := bytes.LastIndexByte(b, ')')
+	return i >= 0 && i+2 < len(b) && (b[i+2] == 'T' || b[i+2] == 't')
 }
 
 // interceptActive reads the kernel's (or iptables') view of our rules.

@@ -4,9 +4,12 @@ import (
 	"errors"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 )
 
 func TestParseArgsFlagsBeforeAndAfterCommand(t *testing.T) {
@@ -145,5 +148,38 @@ func TestExitCode(t *testing.T) {
 	}
 	if exitCode(errors.New("start failed")) != exitFailure {
 		t.Error("non-exit error must be exitFailure")
+	}
+}
+
+func TestSuspendedReadsTheProcessState(t *testing.T) {
+	cmd := exec.Command("sleep", "30")
+	if err := cmd.Start(); err != nil {
+		t.Skipf("no sleep binary: %v", err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	pid := cmd.Process.Pid
+	stateIs := func(want bool) bool {
+		deadline := time.Now().Add(5 * time.Second)
+		for suspended(pid) != want {
+			if time.Now().After(deadline) {
+				return false
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		return true
+	}
+	if !stateIs(false) {
+		t.Fatal("a sleeping process reported suspended")
+	}
+	syscall.Kill(pid, syscall.SIGSTOP)
+	if !stateIs(true) {
+		t.Fatal("a process stopped by SIGSTOP not reported suspended")
+	}
+	syscall.Kill(pid, syscall.SIGCONT)
+	if !stateIs(false) {
+		t.Fatal("a resumed process still reported suspended")
+	}
+	if suspended(1 << 30) {
+		t.Error("a PID that does not exist reported suspended")
 	}
 }
