@@ -28,9 +28,9 @@ func notifyStop(c chan<- os.Signal) {
 	signal.Notify(c, sigs...)
 }
 
-// refuseSuspend catches SIGPIPE and SIGTSTP until the returned function is
-// called.
-func refuseSuspend(log *slog.Logger) (stop func()) {
+// keepRunning catches SIGPIPE and SIGTSTP, whose default actions would end
+// or suspend the proxy, until the returned function is called.
+func keepRunning(log *slog.Logger) (stop func()) {
 	c := make(chan os.Signal, 1)
 	signal.Notify(c, syscall.SIGPIPE, syscall.SIGTSTP)
 	done := make(chan struct{})

@@ -71,7 +71,7 @@ type launched struct {
 	logFile io.Closer
 	sigs    chan os.Signal
 
-	stopRefusing func() // see refuseSuspend
+	stopKeepRunning func() // see keepRunning
 }
 
 // launch opens the log, catches the stop signals — from here on a signal
@@ -85,7 +85,7 @@ func launch(cfg config, lock *pidLock, stderr io.Writer) (*launched, error) {
 	}
 	l := &launched{log: log, logFile: logFile, sigs: make(chan os.Signal, 4)}
 	notifyStop(l.sigs)
-	l.stopRefusing = refuseSuspend(log)
+	l.stopKeepRunning = keepRunning(log)
 	if l.in, err = startInstance(cfg, log, lock); err != nil {
 		log.Error("start failed", "err", err)
 		l.close()
@@ -96,7 +96,7 @@ func launch(cfg config, lock *pidLock, stderr io.Writer) (*launched, error) {
 
 func (l *launched) close() {
 	signal.Stop(l.sigs)
-	l.stopRefusing()
+	l.stopKeepRunning()
 	l.logFile.Close()
 }
 
