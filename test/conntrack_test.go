@@ -5,6 +5,7 @@ package e2e
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"net/netip"
 	"strings"
@@ -127,4 +128,87 @@ func TestStaleConntrackAfterStop(t *testing.T) {
 			sess.Close()
 		}
 	})
+}
+
+// Our NAT rules turn connection tracking on for every connection of the
+// namespace. Where it was off, start warns with the table's capacity (a
+// busy host could fill it, and the kernel then drops new connections on
+// every port); where a firewall already tracks, it says nothing. status
+// shows the table's use.
+func TestWarnsWhenTurningConntrackOn(t *testing.T) {
+	forEachVariantWhere(t, func(v Variant) bool { return v.Backend == "nft" }, func(t *testing.T, v Variant) {
+		for _, alreadyOn := range []bool{false, true} {
+			name := "was off"
+			if alreadyOn {
+				name = "already on"
+			}
+			t.Run(name, func(t *testing.T) {
+				s := newTaggedSite(t)
+				if alreadyOn {
+					nftApply(t, s.Srv, `table inet firewall {
+	chain input {
+		type filter hook input priority filter; policy accept;
+		ct state established,related accept
+	}
+}
+`)
+					requireDirect(t, s, IPv4, s.Cli.MustRequest(t, s.ServerAddr(IPv4, 443), []string{"h2"}))
+				}
+				// The fact behind the warning: with our rules in place a
+				// connection to an unrelated port is tracked too.
+				otherPort := trackedOtherPort(t, s)
+				if !alreadyOn && otherPort() {
+					t.Fatal("a connection to :8080 was tracked before start; the namespace should not track yet")
+				}
+				p := s.NewProxy(t, v)
+				p.Start()
+				if !otherPort() {
+					t.Error("with the proxy running, a connection to :8080 was not tracked")
+				}
+				warned := logHas(p.RunLog(), "level=WARN", "connection tracking was off", "nf_conntrack_max=")
+				if warned == alreadyOn {
+					t.Errorf("conntrack warning logged: %v, want %v", warned, !alreadyOn)
+				}
+				if r := p.RunT("status"); !strings.Contains(r.Output, "conntrack entries: ") {
+					t.Errorf("status does not show the conntrack table's use: %v", r)
+				}
+				p.Stop()
+			})
+		}
+	})
+}
+
+// trackedOtherPort serves :8080 in the server namespace and returns a
+// probe: it connects there from the client and reports whether conntrack
+// recorded that connection.
+func trackedOtherPort(t *testing.T, s *Site) func() bool {
+	t.Helper()
+	requireTools(t, "conntrack")
+	to := netip.AddrPortFrom(s.ServerAddr(IPv4, 0).Addr(), 8080)
+	ln, err := s.Srv.Listen("tcp", to.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	next := uint16(41000)
+	return func() bool {
+		next++
+		from := netip.AddrPortFrom(s.ClientAddr(IPv4), next)
+		c, err := dialFromPort(timeout(t, 5*time.Second), s.Cli, from, to)
+		if err != nil {
+			t.Fatalf("dial %s: %v", to, err)
+		}
+		c.Close()
+		out := s.Srv.MustExec(t, "conntrack", "-L", "-p", "tcp", "--orig-port-src", fmt.Sprint(next), "--orig-port-dst", "8080")
+		return strings.Contains(out, "dport=8080")
+	}
 }

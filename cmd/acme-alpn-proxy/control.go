@@ -101,6 +101,9 @@ func status(cfg config, stdout, stderr io.Writer) int {
 		return exitFailure
 	}
 	fmt.Fprintf(stdout, "running (pid %d), backend %s, mode %s, interception active\n%s", st.pid, st.backend, st.mode, desc)
+	if ct := readConntrackTable(); ct.loaded {
+		fmt.Fprintf(stdout, "  %v\n", ct)
+	}
 	return exitOK
 }
 

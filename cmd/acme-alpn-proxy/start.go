@@ -170,9 +170,11 @@ func startInstance(cfg config, log *slog.Logger, lock *pidLock) (in *instance, e
 	if n := deleteStaleConntrack(cfg); n > 0 {
 		log.Info("deleted conntrack entries a killed instance left", "count", n)
 	}
+	ctBefore := readConntrackTable()
 	if in.rs, err = install(in.ic, cfg, families, log); err != nil {
 		return in, err
 	}
+	warnIfConntrackTurnedOn(log, ctBefore)
 	if err := in.lock.write(instanceState{pid: os.Getpid(), backend: in.backendName, mode: string(in.rs.Mode)}); err != nil {
 		return in, fmt.Errorf("pid file: %w", err)
 	}
