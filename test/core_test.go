@@ -3,6 +3,7 @@ package e2e
 // Core end-to-end behaviour, each test over every (backend, mode) variant.
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -463,7 +464,7 @@ func testKill9ClientsSeeTheEnd(t *testing.T, v Variant, detached bool) {
 		if pid <= 0 {
 			t.Fatal("start -d recorded no PID")
 		}
-		pause = func() { syscall.Kill(pid, syscall.SIGSTOP) }
+		pause = func() { suspend(t, pid) }
 		kill9 = func() {
 			syscall.Kill(pid, syscall.SIGKILL)
 			// Dead once gone or a zombie: its files are closed then.
@@ -477,7 +478,7 @@ func testKill9ClientsSeeTheEnd(t *testing.T, v Variant, detached bool) {
 	} else {
 		p := s.NewProxy(t, v)
 		p.Start()
-		pause = func() { p.Signal(syscall.SIGSTOP) }
+		pause = func() { suspend(t, p.Pid()) }
 		kill9 = p.Kill9
 	}
 	// A relayed connection must end with a FIN (EOF), as from a server
@@ -525,6 +526,32 @@ func testKill9ClientsSeeTheEnd(t *testing.T, v Variant, detached bool) {
 		case !errors.Is(err, c.want):
 			t.Errorf("%s: read after kill -9 returned %v, want %v", c.name, err, c.want)
 		}
+	}
+}
+
+// suspend stops pid with SIGSTOP and waits until every thread of it has
+// stopped: until then a thread may still accept.
+func suspend(t *testing.T, pid int) {
+	t.Helper()
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	stopped := func() bool {
+		tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+		if err != nil || len(tasks) == 0 {
+			return false
+		}
+		for _, task := range tasks {
+			b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/stat", pid, task.Name()))
+			i := bytes.LastIndexByte(b, ')')
+			if err != nil || i < 0 || i+2 >= len(b) || b[i+2] != 'T' {
+				return false
+			}
+		}
+		return true
+	}
+	if !eventually(5*time.Second, stopped) {
+		t.Fatalf("pid %d not stopped 5 s after SIGSTOP", pid)
 	}
 }
 

@@ -725,6 +725,17 @@ func (p *Proxy) Signal(sig syscall.Signal) {
 	}
 }
 
+// Pid is the running start child's PID.
+func (p *Proxy) Pid() int {
+	p.t.Helper()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.cmd == nil {
+		p.t.Fatal("Pid: no proxy child")
+	}
+	return p.cmd.Process.Pid
+}
+
 // killChild kills the running start child's process group, if any.
 func (p *Proxy) killChild() {
 	p.mu.Lock()
