@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -91,7 +92,8 @@ func status(cfg config, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stdout, "running (pid %d), no interception (-no-redirect)\n", st.pid)
 		return exitOK
 	}
-	active, desc, err := interceptActive(st.backend)
+	families, desc, err := interceptedFamilies(st.backend)
+	active := len(families) > 0
 	if err != nil {
 		fmt.Fprintf(stdout, "running (pid %d), backend %s, mode %s; cannot read rules: %v\n", st.pid, st.backend, st.mode, err)
 		return exitFailure
@@ -100,7 +102,7 @@ func status(cfg config, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stdout, "running (pid %d), backend %s, mode %s, interception NOT active (draining after stop?)\n%s", st.pid, st.backend, st.mode, desc)
 		return exitFailure
 	}
-	fmt.Fprintf(stdout, "running (pid %d), backend %s, mode %s, interception active\n%s", st.pid, st.backend, st.mode, desc)
+	fmt.Fprintf(stdout, "running (pid %d), backend %s, mode %s, interception active for %s\n%s", st.pid, st.backend, st.mode, describeFamilies(families), desc)
 	if ct := readConntrackTable(); ct.loaded {
 		fmt.Fprintf(stdout, "  %v\n", ct)
 	}
@@ -118,22 +120,49 @@ func suspended(pid int) bool {
 	return i >= 0 && i+2 < len(b) && (b[i+2] == 'T' || b[i+2] == 't')
 }
 
-// interceptActive reads the kernel's (or iptables') view of our rules.
-func interceptActive(backend string) (bool, string, error) {
+// interceptedFamilies reads the kernel's (or iptables') view of our rules:
+// the families whose new connections they take.
+func interceptedFamilies(backend string) ([]intercept.Family, string, error) {
+	var families []intercept.Family
+	add := func(f intercept.Family) {
+		if !slices.Contains(families, f) {
+			families = append(families, f)
+		}
+	}
 	if backend == "iptables" {
 		b, err := compat.New(compat.Options{})
 		if err != nil {
-			return false, "", err
+			return nil, "", err
 		}
 		s, err := b.Inspect()
-		return s.Intercepting(), describeIPTables(s), err
+		for _, r := range s.Rules {
+			if r.Role == intercept.RoleIntercept {
+				add(r.Family)
+			}
+		}
+		slices.Sort(families)
+		return families, describeIPTables(s), err
 	}
 	s, err := nft.Inspect()
-	active := false
 	for _, t := range s.Tables {
-		active = active || t.Intercepting()
+		if t.Intercepting() {
+			add(t.Family)
+		}
 	}
-	return active, describeNFT(s), err
+	slices.Sort(families)
+	return families, describeNFT(s), err
+}
+
+// describeFamilies is "IPv4 and IPv6", or "IPv4 only (IPv6 not
+// intercepted)": a family start left alone has no web server.
+func describeFamilies(fs []intercept.Family) string {
+	s := familyList(fs, " and ")
+	for _, f := range []intercept.Family{intercept.IPv4, intercept.IPv6} {
+		if !slices.Contains(fs, f) {
+			s += fmt.Sprintf(" only (%s not intercepted)", familyName(f))
+		}
+	}
+	return s
 }
 
 func describeNFT(s nft.State) string {

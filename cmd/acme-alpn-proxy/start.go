@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime/pprof"
+	"slices"
 	"time"
 
 	"github.com/acme-alpn-proxy/acme-alpn-proxy/pkg/intercept"
@@ -125,8 +126,17 @@ func startInstance(cfg config, log *slog.Logger, lock *pidLock) (in *instance, e
 			return in, err
 		}
 	}
+	// Only the families to intercept get a listener: one nothing is sent
+	// to would be an open port of ours, reachable directly.
+	plan := familyPlan{intercept: listenFamilies(cfg)}
+	if !cfg.noRedirect && !cfg.skipPreflight {
+		if plan, err = preflight(cfg, plan.intercept); err != nil {
+			return in, err
+		}
+		warnNotIntercepted(log, plan, cfg.port)
+	}
 	transparent := !cfg.noRedirect && cfg.mode != "redirect" && cfg.ruleSpec == ""
-	in.ls, err = listenAll(context.Background(), cfg.listen, transparent, !cfg.disableV6)
+	in.ls, err = listenAll(context.Background(), cfg.listen, transparent, slices.Contains(plan.intercept, intercept.IPv6))
 	if err != nil {
 		return in, err
 	}
@@ -162,11 +172,6 @@ func startInstance(cfg config, log *slog.Logger, lock *pidLock) (in *instance, e
 	if len(families) == 0 {
 		return in, errors.New("no wildcard listener to intercept to")
 	}
-	if !cfg.skipPreflight {
-		if err := preflight(cfg, families); err != nil {
-			return in, err
-		}
-	}
 	if n := deleteStaleConntrack(cfg); n > 0 {
 		log.Info("deleted conntrack entries a killed instance left", "count", n)
 	}
@@ -178,7 +183,11 @@ func startInstance(cfg config, log *slog.Logger, lock *pidLock) (in *instance, e
 	if err := in.lock.write(instanceState{pid: os.Getpid(), backend: in.backendName, mode: string(in.rs.Mode)}); err != nil {
 		return in, fmt.Errorf("pid file: %w", err)
 	}
-	log.Info("ready", "backend", in.backendName, "mode", in.rs.Mode, "port", cfg.port, "listen", in.ls.String(), "families", fmt.Sprint(families))
+	ready := []any{"backend", in.backendName, "mode", in.rs.Mode, "port", cfg.port, "listen", in.ls.String(), "families", familyList(families, ",")}
+	if len(plan.without) > 0 {
+		ready = append(ready, "not_intercepted", familyList(plan.without, ","))
+	}
+	log.Info("ready", ready...)
 	return in, nil
 }
 
