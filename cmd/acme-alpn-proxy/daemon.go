@@ -83,8 +83,9 @@ func startDaemon(cfg config, stdout, stderr io.Writer) int {
 	cmd.Env = append(os.Environ(), readyFDEnv+"=3")
 	cmd.ExtraFiles = []*os.File{pw}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	if cfg.logPath == "-" {
-		cmd.Stderr = os.Stderr // asked for explicitly; the caller holds it open
+	if cfg.logPath == "-" || (cfg.logPath == "" && stderrIsJournal()) {
+		// Asked for explicitly, or the journal: no hook runner waits for it.
+		cmd.Stderr = os.Stderr
 	}
 	if err := cmd.Start(); err != nil {
 		fmt.Fprintf(stderr, "acme-alpn-proxy: starting background instance: %v\n", err)

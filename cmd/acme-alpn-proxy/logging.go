@@ -9,35 +9,44 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-const defaultLogPath = "/var/log/acme-alpn-proxy.log"
+// defaultLogPath is the log file when stderr is neither a terminal nor the
+// journal (a variable for tests).
+var defaultLogPath = "/var/log/acme-alpn-proxy.log"
 
 // openLog returns the logger for a long-running command. Without -log it
-// logs to stderr on a terminal, and to defaultLogPath otherwise; then, when
-// detach is set, it points the inherited stdout and stderr at /dev/null so a
-// hook runner that waits for them to close (certbot's pre-hook) is not
-// blocked by our lifetime.
+// logs to stderr on a terminal or the journal (systemd), and to
+// defaultLogPath otherwise; then, when detach is set, it points the
+// inherited stdout and stderr at /dev/null so a hook runner that waits for
+// them to close (certbot's pre-hook) is not blocked by our lifetime. To
+// the journal each line carries its syslog priority.
 func openLog(cfg config, stderr io.Writer, detach bool) (*slog.Logger, io.Closer, error) {
 	path := cfg.logPath
 	if path == "" {
-		if isTerminal(os.Stderr) {
-			path = "-"
-		} else {
-			path = defaultLogPath
-		}
+		path = defaultLogTarget()
 	}
-	var w io.Writer = stderr
-	var closer io.Closer = io.NopCloser(nil)
-	if path != "-" {
-		f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o640)
-		if err != nil {
-			return nil, nil, fmt.Errorf("log file: %w (use -log PATH, or -log - for stderr)", err)
+	if path == "-" {
+		if stderrIsJournal() {
+			return slog.New(newJournalHandler(stderr, nil)), io.NopCloser(nil), nil
 		}
-		w, closer = f, f
-		if detach && cfg.logPath == "" {
-			detachStdio()
-		}
+		return slog.New(slog.NewTextHandler(stderr, nil)), io.NopCloser(nil), nil
 	}
-	return slog.New(slog.NewTextHandler(w, nil)), closer, nil
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o640)
+	if err != nil {
+		return nil, nil, fmt.Errorf("log file: %w (use -log PATH, or -log - for stderr)", err)
+	}
+	if detach && cfg.logPath == "" {
+		detachStdio()
+	}
+	return slog.New(slog.NewTextHandler(f, nil)), f, nil
+}
+
+// defaultLogTarget is where the log goes without -log: "-" for stderr, or
+// defaultLogPath. Only with the file may the inherited stdio be let go.
+func defaultLogTarget() string {
+	if isTerminal(os.Stderr) || stderrIsJournal() {
+		return "-"
+	}
+	return defaultLogPath
 }
 
 func isTerminal(f *os.File) bool {

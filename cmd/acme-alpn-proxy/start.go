@@ -54,7 +54,7 @@ func startForeground(cfg config, stdout, stderr io.Writer) int {
 	defer l.close()
 	in, log, sigs := l.in, l.log, l.sigs
 	ready.report(nil)
-	if cfg.logPath == "" && !isTerminal(os.Stderr) {
+	if cfg.logPath == "" && defaultLogTarget() != "-" {
 		detachStdio()
 	}
 	stopProfile := startCPUProfile(cfg.cpuProfile, log)
