@@ -5,6 +5,7 @@
 //	acme-alpn-proxy [flags] stop                # remove the interception, drain, exit
 //	acme-alpn-proxy [flags] status              # 0 active, 3 not running, 4 stale rules
 //	acme-alpn-proxy [flags] run -- CMD [ARGS]   # start, run CMD, stop
+//	acme-alpn-proxy version                     # module version, commit, Go version
 //
 // Every new connection to the web server's port is taken (nftables or
 // iptables, TPROXY or NAT redirect) to our listener; its ClientHello is read
@@ -60,7 +61,7 @@ func main() {
 }
 
 func usage(w io.Writer, fs *flag.FlagSet) {
-	fmt.Fprintf(w, `usage: acme-alpn-proxy [flags] start [-d] | stop | status | run -- COMMAND [ARGS...]
+	fmt.Fprintf(w, `usage: acme-alpn-proxy [flags] start [-d] | stop | status | run -- COMMAND [ARGS...] | version
 
   start   intercept new connections to -port and route them by ALPN (foreground;
           -d: background, returns once ready)
@@ -69,6 +70,11 @@ func usage(w io.Writer, fs *flag.FlagSet) {
   status  exit 0: running with interception active; 3: not running;
           4: stale rules of ours with no running proxy; 1: other problem
   run     start, wait until ready, run COMMAND, stop; exits with COMMAND's status
+  version module version, VCS revision and time, Go version (also -version)
+
+start intercepts each address family (IPv4, IPv6) on which a web server
+listens on -port, warns about a family without one and leaves it alone,
+and refuses when neither has one.
 
 flags (before or after the command):
 `)
@@ -77,7 +83,9 @@ flags (before or after the command):
 	fmt.Fprint(w, `
 environment:
   ACME_ALPN_PROXY_PIDFILE   default for -pidfile
-  ACME_ALPN_PROXY_DISABLEV6 =y: do not intercept IPv6
+  ACME_ALPN_PROXY_DISABLEV6 =y: do not intercept IPv6 (and do not warn about it)
+  JOURNAL_STREAM            set by systemd: when it names our stderr, the log
+                            goes there by default, with syslog priorities
   ACME_ALPN_PROXY_RULESPEC  iptables rule text after "-t nat -I PREROUTING 1"
                             (redirect mode; selects the iptables backend under auto)
 `)
@@ -104,6 +112,8 @@ func realMain(args []string, stdout, stderr io.Writer) int {
 		return status(cfg, stdout, stderr)
 	case "run":
 		return runWrapped(cfg, cmdArgs, stderr)
+	case "version":
+		return printVersion(stdout)
 	}
 	panic("unreachable: parseArgs returned unknown command " + cmd)
 }
@@ -126,13 +136,14 @@ func parseArgs(args []string, stderr io.Writer) (cfg config, cmd string, rest []
 	fs.DurationVar(&cfg.dialTimeout, "dial-timeout", 5*time.Second, "max `time` to connect to a backend")
 	fs.StringVar(&cfg.pidfile, "pidfile", pidDefault, "pid file `path` (env ACME_ALPN_PROXY_PIDFILE)")
 	fs.StringVar(&cfg.logPath, "log", "", "log file `path` (\"-\" = stderr; default stderr on a terminal,\n"+
-		"else /var/log/acme-alpn-proxy.log)")
+		"or the journal (systemd), else /var/log/acme-alpn-proxy.log)")
 	fs.StringVar(&cfg.backend, "backend", "auto", "netfilter backend: auto, nft or iptables")
 	fs.StringVar(&cfg.mode, "mode", "auto", "interception: auto (tproxy where the kernel has it), tproxy or redirect")
 	fs.BoolVar(&cfg.noRedirect, "no-redirect", false, "listen, sniff and relay only: install no rule, need no privileges")
 	fs.BoolVar(&cfg.skipPreflight, "skip-preflight", false, "do not check that the web server listens before intercepting")
 	fs.StringVar(&cfg.cpuProfile, "cpuprofile", "", "write a CPU profile (pprof) from ready until stop to `path`")
 	fs.BoolVar(&cfg.daemon, "d", false, "with start: run in the background, return once ready")
+	showVersion := fs.Bool("version", false, "print the version (as the version command) and exit")
 
 	if err = fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -140,15 +151,18 @@ func parseArgs(args []string, stderr io.Writer) (cfg config, cmd string, rest []
 		}
 		return cfg, "", nil, err
 	}
+	if *showVersion {
+		return cfg, "version", nil, nil
+	}
 	if fs.NArg() == 0 {
 		usage(stderr, fs)
-		return cfg, "", nil, errors.New("missing command: start, stop, status or run")
+		return cfg, "", nil, errors.New("missing command: start, stop, status, run or version")
 	}
 	cmd = fs.Arg(0)
 	switch cmd {
-	case "start", "stop", "status", "run":
+	case "start", "stop", "status", "run", "version":
 	default:
-		return cfg, "", nil, fmt.Errorf("unknown command %q (want start, stop, status or run)", cmd)
+		return cfg, "", nil, fmt.Errorf("unknown command %q (want start, stop, status, run or version)", cmd)
 	}
 	if err = fs.Parse(fs.Args()[1:]); err != nil {
 		return cfg, "", nil, err
