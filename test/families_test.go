@@ -28,28 +28,34 @@ func newIPv4OnlySite(t testing.TB) *Site {
 	return &Site{Env: e, Web: StartNamedWebServer(t, e.Srv, "web", "tcp4", "0.0.0.0:443"), ACME: StartACMEServer(t, e.Srv)}
 }
 
-// requireOnlyIPv4Rules fails unless rules of ours exist for IPv4 and none
-// for IPv6: no ip6 table, no ip6tables rule.
-func requireOnlyIPv4Rules(t testing.TB, s *Site, v Variant) {
+// requireRulesOnlyFor fails unless rules of ours exist for family f and
+// none for the other: no table, no iptables rule of that family.
+func requireRulesOnlyFor(t testing.TB, s *Site, v Variant, f Family) {
 	t.Helper()
+	nftFamily := map[Family]string{IPv4: "ip", IPv6: "ip6"}
+	saveTool := map[Family]string{IPv4: "iptables", IPv6: "ip6tables"}
+	other := IPv6
+	if f == IPv6 {
+		other = IPv4
+	}
 	tables := s.Srv.MustExec(t, "nft", "list", "tables")
-	ruleset := func(bin string) string {
+	iptablesRules := func(f Family) string {
 		if v.Backend != "iptables" {
 			return ""
 		}
-		return s.Srv.MustExec(t, bin+"-"+v.Iptables+"-save")
+		return s.Srv.MustExec(t, saveTool[f]+"-"+v.Iptables+"-save")
 	}
-	if v.Backend == "nft" && !strings.Contains(tables, "table ip "+TableName) {
-		t.Fatalf("no IPv4 table of ours:\n%s", tables)
+	if v.Backend == "nft" && !strings.Contains(tables, "table "+nftFamily[f]+" "+TableName+"\n") {
+		t.Fatalf("no %v table of ours:\n%s", f, tables)
 	}
-	if v4 := ruleset("iptables"); v.Backend == "iptables" && !strings.Contains(v4, TableName) {
-		t.Fatalf("no IPv4 rules of ours:\n%s", v4)
+	if rules := iptablesRules(f); v.Backend == "iptables" && !strings.Contains(rules, TableName) {
+		t.Fatalf("no %v rules of ours:\n%s", f, rules)
 	}
-	if strings.Contains(tables, "table ip6 "+TableName) {
-		t.Errorf("IPv6 has no web server, yet our ip6 table is installed:\n%s", tables)
+	if strings.Contains(tables, "table "+nftFamily[other]+" "+TableName+"\n") {
+		t.Errorf("%v has no web server, yet our %s table is installed:\n%s", other, nftFamily[other], tables)
 	}
-	if v6 := ruleset("ip6tables"); strings.Contains(v6, TableName) {
-		t.Errorf("IPv6 has no web server, yet ip6tables rules of ours are installed:\n%s", v6)
+	if rules := iptablesRules(other); strings.Contains(rules, TableName) {
+		t.Errorf("%v has no web server, yet %s rules of ours are installed:\n%s", other, saveTool[other], rules)
 	}
 }
 
@@ -97,7 +103,7 @@ func TestIPv4OnlyWebServer(t *testing.T) {
 		// Not intercepted, IPv6 meets what it met before: no listener. An
 		// intercepted connection would have reached the responder.
 		requireRefused(t, s.Cli, "tcp6", s.ServerAddr(IPv6, 443).String(), "IPv6 to port 443")
-		requireOnlyIPv4Rules(t, s, v)
+		requireRulesOnlyFor(t, s, v, IPv4)
 		requireRefused(t, s.Srv, "tcp6", fmt.Sprintf("[::1]:%d", ListenPort), "proxy listener on IPv6")
 
 		log := p.RunLog()
@@ -109,6 +115,33 @@ func TestIPv4OnlyWebServer(t *testing.T) {
 		}
 		if r := p.RunT("status"); r.Code != 0 || !strings.Contains(r.Output, "interception active for IPv4 only (IPv6 not intercepted)") {
 			t.Errorf("status: %v, want exit 0 naming IPv4 only", r)
+		}
+		p.Stop()
+		requireNoRules(t, s, v)
+	})
+}
+
+// A web server on one IPv6 address only: the mirror image, IPv4 left
+// alone. (A dual-stack [::] socket would count for IPv4 too.)
+func TestIPv6OnlyWebServer(t *testing.T) {
+	forEachVariantWhere(t, func(v Variant) bool { return v.Backend == "nft" }, func(t *testing.T, v Variant) {
+		e := NewEnvTagged(t, famTag)
+		web := StartNamedWebServer(t, e.Srv, "web", "tcp6", e.ServerAddr(IPv6, 443).String())
+		s := &Site{Env: e, Web: web, ACME: StartACMEServer(t, e.Srv)}
+		p := s.NewProxy(t, v)
+		p.Start()
+		if a := s.Cli.MustRequest(t, s.ServerAddr(IPv6, 443), []string{ACMEALPN}); a.Server != "acme" {
+			t.Fatalf("IPv6 acme-tls/1 answered by %q, want the responder", a.Server)
+		}
+		requireProxied(t, s, IPv6, s.Cli.MustRequest(t, s.ServerAddr(IPv6, 443), []string{"h2"}))
+		requireRefused(t, s.Cli, "tcp4", s.ServerAddr(IPv4, 443).String(), "IPv4 to port 443")
+		requireRulesOnlyFor(t, s, v, IPv6)
+		requireRefused(t, s.Srv, "tcp4", fmt.Sprintf("127.0.0.1:%d", ListenPort), "proxy listener on IPv4")
+		if log := p.RunLog(); countLines(log, "level=WARN", "IPv4 not intercepted") != 1 || !logHas(log, "msg=ready", "families=IPv6", "not_intercepted=IPv4") {
+			t.Errorf("want one IPv4 warning and a ready line naming IPv6:\n%s", log)
+		}
+		if r := p.RunT("status"); r.Code != 0 || !strings.Contains(r.Output, "interception active for IPv6 only (IPv4 not intercepted)") {
+			t.Errorf("status: %v, want exit 0 naming IPv6 only", r)
 		}
 		p.Stop()
 		requireNoRules(t, s, v)
@@ -156,7 +189,7 @@ func TestDisableV6(t *testing.T) {
 		p.Start()
 		requireProxied(t, s, IPv4, s.Cli.MustRequest(t, s.ServerAddr(IPv4, 443), []string{"h2"}))
 		requireDirect(t, s, IPv6, s.Cli.MustRequest(t, s.ServerAddr(IPv6, 443), []string{ACMEALPN}))
-		requireOnlyIPv4Rules(t, s, v)
+		requireRulesOnlyFor(t, s, v, IPv4)
 		if log := p.RunLog(); strings.Contains(log, "not intercepted") {
 			t.Errorf("IPv6 disabled on purpose, yet a warning:\n%s", log)
 		}

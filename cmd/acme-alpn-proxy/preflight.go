@@ -102,6 +102,20 @@ func listenFamilies(cfg config) []intercept.Family {
 	return []intercept.Family{intercept.IPv6}
 }
 
+// listenAddr narrows a wildcard -listen to the families to intercept, so
+// a family left alone gets no listener: that would be a port of ours
+// reachable directly.
+func listenAddr(cfg config, families []intercept.Family) string {
+	host, port, err := net.SplitHostPort(cfg.listen)
+	if err != nil || host != "" || len(families) != 1 {
+		return cfg.listen
+	}
+	if families[0] == intercept.IPv6 {
+		return net.JoinHostPort("::", port)
+	}
+	return net.JoinHostPort("0.0.0.0", port)
+}
+
 func familyName(f intercept.Family) string {
 	if f == intercept.IPv6 {
 		return "IPv6"

@@ -145,3 +145,21 @@ func TestPreflightWithFallbackChecksItOnce(t *testing.T) {
 		t.Fatalf("fallback %s closed: err %v, want a refusal naming it", addr, err)
 	}
 }
+
+func TestListenAddrOnlyForInterceptedFamilies(t *testing.T) {
+	for _, tc := range []struct {
+		listen   string
+		families []intercept.Family
+		want     string
+	}{
+		{":21443", both, ":21443"},
+		{":21443", []intercept.Family{v4}, "0.0.0.0:21443"},
+		{":21443", []intercept.Family{v6}, "[::]:21443"},
+		{"0.0.0.0:21443", []intercept.Family{v4}, "0.0.0.0:21443"},
+		{"127.0.0.1:9443", []intercept.Family{v4}, "127.0.0.1:9443"}, // -no-redirect
+	} {
+		if got := listenAddr(config{listen: tc.listen}, tc.families); got != tc.want {
+			t.Errorf("listenAddr(%s, %v) = %s, want %s", tc.listen, tc.families, got, tc.want)
+		}
+	}
+}

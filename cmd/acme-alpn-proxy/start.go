@@ -126,8 +126,6 @@ func startInstance(cfg config, log *slog.Logger, lock *pidLock) (in *instance, e
 			return in, err
 		}
 	}
-	// Only the families to intercept get a listener: one nothing is sent
-	// to would be an open port of ours, reachable directly.
 	plan := familyPlan{intercept: listenFamilies(cfg)}
 	if !cfg.noRedirect && !cfg.skipPreflight {
 		if plan, err = preflight(cfg, plan.intercept); err != nil {
@@ -136,7 +134,7 @@ func startInstance(cfg config, log *slog.Logger, lock *pidLock) (in *instance, e
 		warnNotIntercepted(log, plan, cfg.port)
 	}
 	transparent := !cfg.noRedirect && cfg.mode != "redirect" && cfg.ruleSpec == ""
-	in.ls, err = listenAll(context.Background(), cfg.listen, transparent, slices.Contains(plan.intercept, intercept.IPv6))
+	in.ls, err = listenAll(context.Background(), listenAddr(cfg, plan.intercept), transparent, slices.Contains(plan.intercept, intercept.IPv6))
 	if err != nil {
 		return in, err
 	}
