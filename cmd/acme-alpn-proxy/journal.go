@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+	"time"
 )
 
 // Under systemd, stderr is often a stream to the journal. systemd then
@@ -70,13 +71,7 @@ func (p *priorityWriter) Write(b []byte) (int, error) {
 // newJournalHandler logs records of level and above (nil: info) to w.
 func newJournalHandler(w io.Writer, level slog.Leveler) *journalHandler {
 	out := &priorityWriter{w: w}
-	dropTime := func(groups []string, a slog.Attr) slog.Attr {
-		if len(groups) == 0 && a.Key == slog.TimeKey {
-			return slog.Attr{}
-		}
-		return a
-	}
-	return &journalHandler{inner: slog.NewTextHandler(out, &slog.HandlerOptions{Level: level, ReplaceAttr: dropTime}), out: out}
+	return &journalHandler{inner: slog.NewTextHandler(out, &slog.HandlerOptions{Level: level}), out: out}
 }
 
 // syslogPriority maps a slog level to sd-daemon(3)'s prefixes: error 3,
@@ -101,6 +96,7 @@ func (h *journalHandler) Handle(ctx context.Context, r slog.Record) error {
 	h.out.mu.Lock()
 	defer h.out.mu.Unlock()
 	h.out.prefix = syslogPriority(r.Level)
+	r.Time = time.Time{} // the text handler then leaves it out
 	return h.inner.Handle(ctx, r)
 }
 

@@ -170,3 +170,24 @@ func TestLogToTheJournalStream(t *testing.T) {
 		t.Errorf("log file should hold plain lines with time, as before:\n%s", file)
 	}
 }
+
+// The cost of the priority prefix on a connection's log line, against the
+// plain text handler used for files.
+func BenchmarkConnLine(b *testing.B) {
+	line := connLine{route: "acme", end: "client closed", sni: "www.example.org", alpn: "acme-tls/1", up: 418, down: 1904}
+	for _, h := range []struct {
+		name    string
+		handler slog.Handler
+	}{
+		{"text", slog.NewTextHandler(io.Discard, nil)},
+		{"journal", newJournalHandler(io.Discard, nil)},
+	} {
+		b.Run(h.name, func(b *testing.B) {
+			log := slog.New(h.handler)
+			b.ReportAllocs()
+			for b.Loop() {
+				line.write(log)
+			}
+		})
+	}
+}
