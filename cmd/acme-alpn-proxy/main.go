@@ -140,7 +140,7 @@ func parseArgs(args []string, stderr io.Writer) (cfg config, cmd string, rest []
 	fs.StringVar(&cfg.backend, "backend", "auto", "netfilter backend: auto, nft or iptables")
 	fs.StringVar(&cfg.mode, "mode", "auto", "interception: auto (tproxy where the kernel has it), tproxy or redirect")
 	fs.BoolVar(&cfg.noRedirect, "no-redirect", false, "listen, sniff and relay only: install no rule, need no privileges")
-	fs.BoolVar(&cfg.skipPreflight, "skip-preflight", false, "do not check that the web server listens before intercepting")
+	fs.BoolVar(&cfg.skipPreflight, "skip-preflight", false, "intercept every family without checking that a web server listens")
 	fs.StringVar(&cfg.cpuProfile, "cpuprofile", "", "write a CPU profile (pprof) from ready until stop to `path`")
 	fs.BoolVar(&cfg.daemon, "d", false, "with start: run in the background, return once ready")
 	showVersion := fs.Bool("version", false, "print the version (as the version command) and exit")
