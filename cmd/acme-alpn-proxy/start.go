@@ -101,9 +101,9 @@ func (l *launched) close() {
 	l.logFile.Close()
 }
 
-// startInstance listens, checks the web server is there, installs the
-// interception and records the instance in the pid file. On error nothing
-// stays installed and the lock is released.
+// startInstance finds the families with a web server, listens on them,
+// installs their interception and records the instance in the pid file.
+// On error nothing stays installed and the lock is released.
 func startInstance(cfg config, log *slog.Logger, lock *pidLock) (in *instance, err error) {
 	in = &instance{cfg: cfg, log: log, lock: lock, backendName: "none"}
 	defer func() {
