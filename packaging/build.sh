@@ -4,8 +4,9 @@
 #   packaging/build.sh [VERSION]              # default: changelog.yaml's newest
 #   GOARCH=arm64 packaging/build.sh           # another architecture
 #
-# The binary is static (CGO_ENABLED=0), built with -trimpath and with the
-# commit in its build info; nfpm is the version pinned in packaging/go.mod.
+# The binary is static (CGO_ENABLED=0) and stripped, built with -trimpath and
+# with the commit in its build info; nfpm is the version pinned in
+# packaging/go.mod.
 # File times are the last commit's, so one commit gives the same packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +33,7 @@ STAGE=$(mktemp -d)
 trap 'rm -rf "$STAGE"' EXIT
 export VERSION GOARCH STAGE SOURCE_DATE_EPOCH
 
-CGO_ENABLED=0 GOOS=linux go build -trimpath -buildvcs=true \
+CGO_ENABLED=0 GOOS=linux go build -trimpath -buildvcs=true -ldflags="-s -w" \
 	-o "$STAGE/acme-alpn-proxy" ./cmd/acme-alpn-proxy
 # Go finds the repository by a .git directory: in a linked worktree (.git is
 # a file) it records no commit, or that of a repository further up.

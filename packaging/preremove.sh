@@ -2,6 +2,7 @@
 # On removal (not on upgrade) stops the renewal units and drops the links
 # an administrator's "systemctl enable" made, so none points at a removed
 # file. dpkg passes "remove", rpm the number of versions left (0).
+set -e
 case "$1" in
 remove | 0) ;;
 *) exit 0 ;;
