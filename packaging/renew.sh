@@ -3,6 +3,7 @@
 # responder behind acme-alpn-proxy. Run by acme-alpn-proxy-renew.service
 # with the settings of /etc/default/acme-alpn-proxy-renew (see
 # acme-alpn-proxy(8)); refuses to run until they are filled in.
+# ACME_ALPN_PROXY and LEGO name other binaries (tests).
 set -eu
 
 conf=/etc/default/acme-alpn-proxy-renew
@@ -38,6 +39,7 @@ for name in $(printf '%s\n' "$DOMAINS" | tr ',' ' '); do
 	first=${first:-$name}
 	set -- "$@" --domains "$name"
 done
+[ -n "$first" ] || refuse "DOMAINS=$DOMAINS names no domain (set in $conf)"
 
 # lego's run orders a new certificate every time; renew needs one to exist
 # and orders only when fewer than RENEW_DAYS days are left.
