@@ -26,14 +26,14 @@ VERSION=${VERSION#v}
 	die "packaging/changelog.yaml's newest entry is $newest: add one for $VERSION-1 first"
 
 head=$(git rev-parse HEAD 2>/dev/null) || die "not a git checkout: the binary records the commit it was built from"
-GOARCH=${GOARCH:-$(go env GOARCH)}
+PKG_ARCH=${GOARCH:-$(go env GOARCH)}
 DIST=${DIST:-dist}
 SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct)}
 STAGE=$(mktemp -d)
 trap 'rm -rf "$STAGE"' EXIT
-export VERSION GOARCH STAGE SOURCE_DATE_EPOCH
+export VERSION PKG_ARCH STAGE SOURCE_DATE_EPOCH
 
-CGO_ENABLED=0 GOOS=linux go build -trimpath -buildvcs=true -ldflags="-s -w" \
+CGO_ENABLED=0 GOOS=linux GOARCH=$PKG_ARCH go build -trimpath -buildvcs=true -ldflags="-s -w" \
 	-o "$STAGE/acme-alpn-proxy" ./cmd/acme-alpn-proxy
 # Go finds the repository by a .git directory: in a linked worktree (.git is
 # a file) it records no commit, or that of a repository further up.
@@ -42,10 +42,11 @@ stamped=$(go version -m "$STAGE/acme-alpn-proxy" | sed -n 's/^[[:space:]]*build[
 	die "the binary records commit '${stamped:-none}', not HEAD $head (a git worktree? build in a clone)"
 gzip -9n <packaging/acme-alpn-proxy.8 >"$STAGE/acme-alpn-proxy.8.gz"
 
-# nfpm, the tool of packaging/go.mod, runs in packaging/: nfpm.yaml's paths
-# are relative to it.
+# nfpm, the tool of packaging/go.mod, is built for this host and runs in
+# packaging/: nfpm.yaml's paths are relative to it.
 mkdir -p "$DIST"
 DIST=$(cd "$DIST" && pwd)
 for packager in deb rpm; do
-	go -C packaging tool nfpm package --config nfpm.yaml --packager "$packager" --target "$DIST/"
+	GOOS=$(go env GOHOSTOS) GOARCH=$(go env GOHOSTARCH) \
+		go -C packaging tool nfpm package --config nfpm.yaml --packager "$packager" --target "$DIST/"
 done
