@@ -130,7 +130,7 @@ func parseArgs(args []string, stderr io.Writer) (cfg config, cmd string, rest []
 	fs.StringVar(&cfg.alpn, "alpn", "127.0.0.1:31443", "ACME TLS-ALPN-01 responder `host:port`")
 	fs.StringVar(&cfg.fallback, "fallback", "", "web server `host:port` (default: the address the client dialed, port -port;\n"+
 		"note: a loopback fallback makes every client look like localhost to the web server)")
-	fs.StringVar(&cfg.listen, "listen", ":21443", "proxy listener `address` (host empty: IPv4 and IPv6)")
+	fs.StringVar(&cfg.listen, "listen", ":21443", "proxy listener `address` (host empty: each family start intercepts)")
 	fs.DurationVar(&cfg.helloTimeout, "hello-timeout", 10*time.Second, "max `time` to receive a whole ClientHello")
 	fs.DurationVar(&cfg.drainTimeout, "drain-timeout", 180*time.Second, "max `time` to wait for in-flight connections at stop")
 	fs.DurationVar(&cfg.dialTimeout, "dial-timeout", 5*time.Second, "max `time` to connect to a backend")
