@@ -44,6 +44,7 @@ package relay
 import (
 	"context"
 	"errors"
+	"net"
 	"net/netip"
 	"runtime"
 	"sync"
@@ -94,6 +95,12 @@ type Config struct {
 	// pauses accepting with a backoff of up to a second; each failure is
 	// reported, so rate-limit any logging.
 	AcceptError func(err error)
+	// Takeover receives the connections Route claimed with Conn.TakeOver:
+	// client is the accepted socket (in Go's poller, deadlines work), hello
+	// the bytes already read from it, the callee's to keep. It runs on an
+	// event loop and must not block: hand off to a goroutine, which closes
+	// client and calls c.Finish, within a bound of its own (Drain waits).
+	Takeover func(c *Conn, client net.Conn, hello []byte)
 	// Loops is the number of event loops; 0 means GOMAXPROCS.
 	Loops int
 }
@@ -105,6 +112,7 @@ type Engine struct {
 	active atomic.Int64
 	wg     sync.WaitGroup
 	closed atomic.Bool
+	taken  takenSet
 }
 
 // NewEngine starts the event loops. They accept nothing until Serve.
@@ -179,7 +187,7 @@ func (e *Engine) Drain(ctx context.Context) int {
 		case <-ctx.Done():
 			var cut atomic.Int64
 			e.each(func(l *loop) error { cut.Add(int64(l.abortAll())); return nil })
-			return int(cut.Load())
+			return int(cut.Load()) + e.taken.cut()
 		case <-tick.C:
 		}
 	}
@@ -201,6 +209,8 @@ func (e *Engine) Close() {
 		return nil
 	})
 	e.wg.Wait()
+	e.taken.cut()
+	e.taken.wg.Wait() // their Done calls come before Close returns
 	for _, l := range e.loops {
 		l.closeFDs()
 	}
