@@ -55,7 +55,12 @@ func issDehydrated(t *testing.T, v Variant, v6 bool) {
 	alpnDir := filepath.Join(s.dir, "alpn-certs")
 	conf := s.dehydratedConfig(alpnDir)
 	dehydrated := []string{"env", "CURL_CA_BUNDLE=" + s.rootCA, issLookPath("dehydrated"), "--config", conf}
-	s.Srv.MustExec(t, dehydrated[0], slices.Concat(dehydrated[1:], []string{"--register", "--accept-terms"})...)
+	// Not MustExec: making the 4096-bit RSA account key can take long on a
+	// busy machine.
+	reg := s.start(s.Srv, "dehydrated --register", slices.Concat(dehydrated, []string{"--register", "--accept-terms"})...)
+	if err := reg.wait(issDeadline); err != nil {
+		t.Fatalf("dehydrated --register: %v\n%s", err, reg.out.String())
+	}
 
 	out, took := issRunWrapped(t, s.NewProxy(t, v, "-alpn-certs", alpnDir), slices.Concat(dehydrated,
 		[]string{"-c", "-d", issDomain, "-t", "tls-alpn-01", "--alpn", alpnDir}))
