@@ -171,8 +171,11 @@ func parseArgs(args []string, stderr io.Writer) (cfg config, cmd string, rest []
 		return cfg, "", nil, fmt.Errorf("unknown command %q (want start, stop, status, run or hook)", cmd)
 	}
 	if cmd == "hook" {
-		// The hook's arguments are the ACME client's: AUTH may begin with "-".
-		return cfg, cmd, fs.Args()[1:], checkAlpnCerts(fs, &cfg)
+		// Flags end at METHOD, so an AUTH beginning with "-" is no flag.
+		if err = fs.Parse(fs.Args()[1:]); err != nil {
+			return cfg, "", nil, err
+		}
+		return cfg, cmd, fs.Args(), checkAlpnCerts(fs, &cfg)
 	}
 	if err = fs.Parse(fs.Args()[1:]); err != nil {
 		return cfg, "", nil, err

@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -302,10 +303,25 @@ func TestResponderNeverServesWithoutACME(t *testing.T) {
 // system: the handshake fails with an alert, and the error names the
 // missing file or the refusal.
 func TestResponderRefuses(t *testing.T) {
-	dir := t.TempDir()
+	dir, elsewhere := t.TempDir(), t.TempDir()
+	// A symbolic link to a valid pair elsewhere, and a FIFO (which must
+	// not block the handshake).
+	if _, err := WriteChallenge(elsewhere, "link.example.org", sha256.Sum256(nil)); err != nil {
+		t.Fatal(err)
+	}
+	for _, suffix := range []string{CertSuffix, KeySuffix} {
+		if err := os.Symlink(filepath.Join(elsewhere, "link.example.org"+suffix), filepath.Join(dir, "link.example.org"+suffix)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := syscall.Mkfifo(filepath.Join(dir, "fifo.example.org"+CertSuffix), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	r := NewResponder(dir)
 	for name, want := range map[string]string{
 		"missing.example.org":    filepath.Join(dir, "missing.example.org.crt.pem"),
+		"link.example.org":       "a symbolic link, refused",
+		"fifo.example.org":       "not a regular file",
 		"a..b":                   "server name refused",
 		strings.Repeat("a", 300): "server name refused",
 	} {

@@ -4,11 +4,13 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
 	"slices"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -42,27 +44,37 @@ func NewStore(dir string) *Store { return &Store{dir: dir, cache: map[string]sto
 // Dir is the directory the store reads.
 func (s *Store) Dir() string { return s.dir }
 
-// Certificate returns the pair for base (see FileBase).
+// Certificate returns the pair for base (see FileBase). Both files must
+// be regular files, not symbolic links: the proxy may read DIR with more
+// privileges than whoever writes it.
 func (s *Store) Certificate(base string) (*tls.Certificate, error) {
-	certPath := filepath.Join(s.dir, base+CertSuffix)
-	keyPath := filepath.Join(s.dir, base+KeySuffix)
-	certStamp, err := stamp(certPath)
+	certFile, certStamp, err := openChallengeFile(filepath.Join(s.dir, base+CertSuffix))
 	if err != nil {
 		return nil, err
 	}
-	keyStamp, err := stamp(keyPath)
+	defer certFile.Close()
+	keyFile, keyStamp, err := openChallengeFile(filepath.Join(s.dir, base+KeySuffix))
 	if err != nil {
 		return nil, err
 	}
+	defer keyFile.Close()
 	s.mu.Lock()
 	c, ok := s.cache[base]
 	s.mu.Unlock()
 	if ok && c.certStamp == certStamp && c.keyStamp == keyStamp {
 		return c.pair, nil
 	}
-	pair, err := tls.LoadX509KeyPair(certPath, keyPath)
+	certPEM, err := io.ReadAll(io.LimitReader(certFile, maxFileSize))
 	if err != nil {
-		return nil, fmt.Errorf("challenge certificate %s: %w", certPath, err)
+		return nil, err
+	}
+	keyPEM, err := io.ReadAll(io.LimitReader(keyFile, maxFileSize))
+	if err != nil {
+		return nil, err
+	}
+	pair, err := tls.X509KeyPair(certPEM, keyPEM)
+	if err != nil {
+		return nil, fmt.Errorf("challenge certificate %s: %w", certFile.Name(), err)
 	}
 	s.mu.Lock()
 	if len(s.cache) >= maxCached {
@@ -73,19 +85,38 @@ func (s *Store) Certificate(base string) (*tls.Certificate, error) {
 	return &pair, nil
 }
 
-func stamp(path string) (fileStamp, error) {
-	fi, err := os.Stat(path)
+// maxFileSize bounds what is read of a challenge file; dehydrated's are
+// under 2 KiB.
+const maxFileSize = 64 << 10
+
+// openChallengeFile opens path if it is a regular file of at most
+// maxFileSize, without following a symbolic link and without blocking
+// on a FIFO.
+func openChallengeFile(path string) (*os.File, fileStamp, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
 	if err != nil {
-		return fileStamp{}, fmt.Errorf("no challenge certificate: %w", err)
+		if errors.Is(err, syscall.ELOOP) {
+			return nil, fileStamp{}, fmt.Errorf("challenge certificate %s: a symbolic link, refused", path)
+		}
+		return nil, fileStamp{}, fmt.Errorf("no challenge certificate: %w", err)
 	}
-	if !fi.Mode().IsRegular() {
-		return fileStamp{}, fmt.Errorf("challenge certificate %s: not a regular file", path)
+	fi, err := f.Stat()
+	switch {
+	case err != nil:
+	case !fi.Mode().IsRegular():
+		err = fmt.Errorf("challenge certificate %s: not a regular file", path)
+	case fi.Size() > maxFileSize:
+		err = fmt.Errorf("challenge certificate %s: %d bytes, more than %d", path, fi.Size(), maxFileSize)
+	}
+	if err != nil {
+		f.Close()
+		return nil, fileStamp{}, err
 	}
 	st := fileStamp{mod: fi.ModTime(), size: fi.Size()}
-	if sys, ok := fi.Sys().(interface{ Ino() uint64 }); ok {
-		st.ino = sys.Ino()
+	if sys, ok := fi.Sys().(*syscall.Stat_t); ok {
+		st.ino = sys.Ino
 	}
-	return st, nil
+	return f, st, nil
 }
 
 // Responder answers TLS-ALPN-01 validation handshakes from a Store.

@@ -87,7 +87,8 @@ type Config struct {
 	// event loop: it must not block.
 	Route func(c *Conn) (backend netip.AddrPort, route string)
 	// Done is called once per accepted connection after it ended and its
-	// sockets are closed, on an event loop. c is reused afterwards: copy
+	// sockets are closed, on an event loop (for a connection taken over,
+	// on the goroutine that calls Finish). c is reused afterwards: copy
 	// what you keep.
 	Done func(c *Conn)
 	// AcceptError reports accept(2) failures other than the routine ones

@@ -51,13 +51,13 @@ func (c *Conn) handOver() {
 		c.end(EndHelloError, err, false)
 		return
 	}
-	f := os.NewFile(uintptr(fd), "") // non-blocking: Go's poller takes it
-	nc, err := net.FileConn(f)
-	f.Close()
 	if l.ends[fd] == &c.client {
 		l.ends[fd] = nil
 	}
 	c.client.fd = -1
+	f := os.NewFile(uintptr(fd), "") // non-blocking: Go's poller takes it
+	nc, err := net.FileConn(f)
+	f.Close()
 	if err != nil {
 		c.end(EndHelloError, err, false)
 		return
