@@ -8,6 +8,7 @@ import (
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"io"
 	"math/big"
 	"net"
 	"os"
@@ -216,5 +217,21 @@ func TestHookExitCodes(t *testing.T) {
 	}
 	if ents, _ := os.ReadDir(dir); len(ents) != 0 {
 		t.Errorf("done left %v", ents)
+	}
+}
+
+func TestAlpnCertsFlag(t *testing.T) {
+	for _, args := range [][]string{
+		{"-alpn-certs", "d", "-alpn", "127.0.0.1:31443", "start"},
+		{"-alpn", "127.0.0.1:31443", "start", "-alpn-certs", "d"},
+	} {
+		_, _, _, err := parseArgs(args, io.Discard)
+		if err == nil || !strings.Contains(err.Error(), "exclude each other") {
+			t.Errorf("%q: %v, want -alpn-certs and -alpn refused together", args, err)
+		}
+	}
+	cfg, cmd, rest, err := parseArgs([]string{"-alpn-certs", "rel/dir", "hook", "-pidfile", "/x", "begin", "tls-alpn-01", "a.example", "tok", "-leading-dash"}, io.Discard)
+	if err != nil || cmd != "hook" || !filepath.IsAbs(cfg.alpnCerts) || len(rest) != 5 || rest[4] != "-leading-dash" {
+		t.Errorf("hook parse: cfg.alpnCerts=%q cmd=%q rest=%q err=%v", cfg.alpnCerts, cmd, rest, err)
 	}
 }
