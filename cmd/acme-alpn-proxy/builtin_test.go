@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -233,5 +234,39 @@ func TestAlpnCertsFlag(t *testing.T) {
 	cfg, cmd, rest, err := parseArgs([]string{"-alpn-certs", "rel/dir", "hook", "-pidfile", "/x", "begin", "tls-alpn-01", "a.example", "tok", "-leading-dash"}, io.Discard)
 	if err != nil || cmd != "hook" || !filepath.IsAbs(cfg.alpnCerts) || len(rest) != 5 || rest[4] != "-leading-dash" {
 		t.Errorf("hook parse: cfg.alpnCerts=%q cmd=%q rest=%q err=%v", cfg.alpnCerts, cmd, rest, err)
+	}
+}
+
+// stop's drain waits for a handshake of the built-in responder in flight,
+// which -hello-timeout bounds, rather than cutting it.
+func TestBuiltinDrainWaitsForHandshake(t *testing.T) {
+	p, addr, dir, _, _, logs := startBuiltinProxy(t, 500*time.Millisecond)
+	if _, err := alpncert.WriteChallenge(dir, "web.example.org", sha256.Sum256(nil)); err != nil {
+		t.Fatal(err)
+	}
+	hello, err := hellotest.For("web.example.org", []string{alpncert.Protocol})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write(hello) // and never the client's Finished
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Read(make([]byte, 1)); err != nil { // the server's flight: taken over
+		t.Fatalf("no ServerHello: %v", err)
+	}
+	if n := p.inFlight(); n != 1 {
+		t.Fatalf("%d in flight during the handshake, want 1", n)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if cut := p.engine.Drain(ctx); cut != 0 {
+		t.Errorf("drain cut %d connections, want it to wait for the handshake's end", cut)
+	}
+	if !logs.await("backend=built-in", `end="handshake timeout"`) {
+		t.Errorf("no log line for the drained handshake:\n%s", logs)
 	}
 }
