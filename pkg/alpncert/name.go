@@ -2,8 +2,9 @@
 // directory of challenge certificates in dehydrated's layout:
 // <name>.crt.pem and <name>.key.pem, where <name> is the identifier, a
 // DNS name or, for IP identifiers (RFC 8738), the address as text. The
-// same directory feeds lighttpd's ssl.acme-tls-1, and Hook writes it for
-// clients that hand over a key authorization instead of a certificate.
+// same directory feeds lighttpd's ssl.acme-tls-1, and WriteChallenge
+// fills it for clients that hand a hook the key authorization instead of
+// a certificate (uacme).
 //
 // It has no sockets of its own: Responder.Answer takes a connection
 // whose ClientHello was already read, and replays those bytes into

@@ -36,6 +36,10 @@
 //
 // shows splice calls; reads and writes carry only ClientHellos.
 //
+// Route may instead take a connection over (Conn.TakeOver): the engine
+// then hands the socket and the hello bytes to Config.Takeover and counts
+// the connection until the taker calls Finish.
+//
 // A direction waiting for its destination to take more bytes does not
 // watch its source meanwhile: if that source resets, the connection ends
 // when the destination reads again or goes away, as with a peer that idles.
