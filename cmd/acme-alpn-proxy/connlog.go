@@ -45,6 +45,8 @@ type connLine struct {
 	dur             time.Duration
 	hello           sniff.Kind
 	err             error
+	builtin         bool   // answered by the built-in responder
+	cert            string // the challenge certificate it served
 }
 
 func newConnLog(log *slog.Logger) *connLog {
@@ -59,6 +61,7 @@ func (q *connLog) add(c *relay.Conn) {
 	line := connLine{
 		client: c.Client, backend: c.Backend, sni: c.ServerName, route: c.Route, end: c.End,
 		up: c.Up, down: c.Down, dur: c.Duration, hello: c.Hello, err: c.Err,
+		builtin: c.TakenOver(), cert: c.Note,
 	}
 	if len(c.ALPN) > 0 {
 		line.alpn = strings.Join(c.ALPN, ",")
@@ -107,8 +110,12 @@ func (q *connLog) close() {
 
 func (l *connLine) write(log *slog.Logger) {
 	level := slog.LevelInfo
-	if l.end == relay.EndDialFailed {
+	if l.end == relay.EndDialFailed || (l.builtin && l.err != nil) {
 		level = slog.LevelWarn
+	}
+	backend := backendName(l.backend)
+	if l.builtin {
+		backend = "built-in"
 	}
 	route := l.route
 	if route == "" {
@@ -120,11 +127,14 @@ func (l *connLine) write(log *slog.Logger) {
 		slog.String("sni", l.sni),
 		slog.String("alpn", l.alpn),
 		slog.String("route", route),
-		slog.String("backend", backendName(l.backend)),
+		slog.String("backend", backend),
 		slog.Int64("up", l.up),
 		slog.Int64("down", l.down),
 		slog.Duration("dur", l.dur),
 		slog.String("end", l.end))
+	if l.cert != "" {
+		attrs = append(attrs, slog.String("cert", l.cert))
+	}
 	if l.hello != sniff.Complete {
 		attrs = append(attrs, slog.String("hello", l.hello.String()))
 	}

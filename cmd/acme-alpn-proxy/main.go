@@ -6,6 +6,7 @@
 //	acme-alpn-proxy [flags] status              # 0 active, 3 not running, 4 stale rules
 //	acme-alpn-proxy [flags] run -- CMD [ARGS]   # start, run CMD, stop
 //	acme-alpn-proxy version                     # module version, commit, Go version
+//	acme-alpn-proxy -alpn-certs DIR hook METHOD TYPE IDENT TOKEN AUTH
 //
 // Every new connection to the web server's port is taken (nftables or
 // iptables, TPROXY or NAT redirect) to our listener; its ClientHello is read
@@ -37,6 +38,7 @@ const (
 // config is everything the flags and environment select.
 type config struct {
 	alpn          string
+	alpnCerts     string // "" = relay acme-tls/1 to -alpn; else answer it from this directory
 	fallback      string // "" = the original destination, port `port`
 	listen        string
 	port          uint16
@@ -61,7 +63,7 @@ func main() {
 }
 
 func usage(w io.Writer, fs *flag.FlagSet) {
-	fmt.Fprintf(w, `usage: acme-alpn-proxy [flags] start [-d] | stop | status | run -- COMMAND [ARGS...] | version
+	fmt.Fprintf(w, `usage: acme-alpn-proxy [flags] start [-d] | stop | status | run -- COMMAND [ARGS...] | version | hook ...
 
   start   intercept new connections to -port and route them by ALPN (foreground;
           -d: background, returns once ready)
@@ -71,6 +73,12 @@ func usage(w io.Writer, fs *flag.FlagSet) {
           4: stale rules of ours with no running proxy; 1: other problem
   run     start, wait until ready, run COMMAND, stop; exits with COMMAND's status
   version module version, VCS revision and time, Go version (also -version)
+  hook METHOD TYPE IDENT TOKEN AUTH
+          uacme's hook protocol: begin writes IDENT's TLS-ALPN-01 certificate into
+          -alpn-certs (or $ACME_ALPN_PROXY_ALPN_CERTS), done/failed removes it;
+          exit 1 for challenge types other than tls-alpn-01. uacme runs its -h
+          PROGRAM without arguments: give it this binary's path; run sets the
+          variable for its COMMAND
 
 start intercepts each address family (IPv4, IPv6) on which a web server
 listens on -port, warns about a family without one and leaves it alone,
@@ -86,12 +94,16 @@ environment:
   ACME_ALPN_PROXY_DISABLEV6 =y: do not intercept IPv6 (and do not warn about it)
   JOURNAL_STREAM            set by systemd: when it names our stderr, the log
                             goes there by default, with syslog priorities
+  ACME_ALPN_PROXY_ALPN_CERTS the hook's directory when -alpn-certs is not given
   ACME_ALPN_PROXY_RULESPEC  iptables rule text after "-t nat -I PREROUTING 1"
                             (redirect mode; selects the iptables backend under auto)
 `)
 }
 
 func realMain(args []string, stdout, stderr io.Writer) int {
+	if isBareHookCall(args) {
+		return runHook(os.Getenv(alpnCertsEnv), args, stderr)
+	}
 	cfg, cmd, cmdArgs, err := parseArgs(args, stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		return exitOK
@@ -114,6 +126,12 @@ func realMain(args []string, stdout, stderr io.Writer) int {
 		return runWrapped(cfg, cmdArgs, stderr)
 	case "version":
 		return printVersion(stdout)
+	case "hook":
+		dir := cfg.alpnCerts
+		if dir == "" {
+			dir = os.Getenv(alpnCertsEnv)
+		}
+		return runHook(dir, cmdArgs, stderr)
 	}
 	panic("unreachable: parseArgs returned unknown command " + cmd)
 }
@@ -128,6 +146,8 @@ func parseArgs(args []string, stderr io.Writer) (cfg config, cmd string, rest []
 	}
 	port := fs.Uint("port", 443, "incoming `port` to intercept")
 	fs.StringVar(&cfg.alpn, "alpn", "127.0.0.1:31443", "ACME TLS-ALPN-01 responder `host:port`")
+	fs.StringVar(&cfg.alpnCerts, "alpn-certs", "", "answer acme-tls/1 in the proxy with the challenge certificates in `dir`\n"+
+		"(<name>.crt.pem and <name>.key.pem, as dehydrated writes them); excludes -alpn")
 	fs.StringVar(&cfg.fallback, "fallback", "", "web server `host:port` (default: the address the client dialed, port -port;\n"+
 		"note: a loopback fallback makes every client look like localhost to the web server)")
 	fs.StringVar(&cfg.listen, "listen", ":21443", "proxy listener `address` (host empty: each family start intercepts)")
@@ -156,13 +176,20 @@ func parseArgs(args []string, stderr io.Writer) (cfg config, cmd string, rest []
 	}
 	if fs.NArg() == 0 {
 		usage(stderr, fs)
-		return cfg, "", nil, errors.New("missing command: start, stop, status, run or version")
+		return cfg, "", nil, errors.New("missing command: start, stop, status, run, version or hook")
 	}
 	cmd = fs.Arg(0)
 	switch cmd {
-	case "start", "stop", "status", "run", "version":
+	case "start", "stop", "status", "run", "version", "hook":
 	default:
-		return cfg, "", nil, fmt.Errorf("unknown command %q (want start, stop, status, run or version)", cmd)
+		return cfg, "", nil, fmt.Errorf("unknown command %q (want start, stop, status, run, version or hook)", cmd)
+	}
+	if cmd == "hook" {
+		// Flags end at METHOD, so an AUTH beginning with "-" is no flag.
+		if err = fs.Parse(fs.Args()[1:]); err != nil {
+			return cfg, "", nil, err
+		}
+		return cfg, cmd, fs.Args(), checkAlpnCerts(fs, &cfg)
 	}
 	if err = fs.Parse(fs.Args()[1:]); err != nil {
 		return cfg, "", nil, err
@@ -189,6 +216,9 @@ func parseArgs(args []string, stderr io.Writer) (cfg config, cmd string, rest []
 		return cfg, "", nil, fmt.Errorf("-listen port %d equals -port: the proxy would intercept itself", cfg.port)
 	}
 	if err = checkHostPort("-alpn", cfg.alpn); err != nil {
+		return cfg, "", nil, err
+	}
+	if err = checkAlpnCerts(fs, &cfg); err != nil {
 		return cfg, "", nil, err
 	}
 	if cfg.fallback != "" {

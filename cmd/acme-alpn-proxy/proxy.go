@@ -8,6 +8,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/acme-alpn-proxy/acme-alpn-proxy/pkg/alpncert"
 	"github.com/acme-alpn-proxy/acme-alpn-proxy/pkg/relay"
 )
 
@@ -21,6 +22,8 @@ type proxy struct {
 	listenPort uint16
 	engine     *relay.Engine
 	conns      *connLog
+	builtin    *alpncert.Responder // -alpn-certs: answer acme-tls/1 in-process
+	handshake  time.Duration       // the built-in responder's handshake bound
 
 	warnMu   sync.Mutex
 	lastWarn time.Time
@@ -29,7 +32,7 @@ type proxy struct {
 
 // newProxy starts the engine; serve then hands it the listeners.
 func newProxy(log *slog.Logger, alpn, fallback netip.AddrPort, port, listenPort uint16, helloTimeout, dialTimeout time.Duration) (*proxy, error) {
-	p := &proxy{log: log, alpn: alpn, fallback: fallback, port: port, listenPort: listenPort, conns: newConnLog(log)}
+	p := &proxy{log: log, alpn: alpn, fallback: fallback, port: port, listenPort: listenPort, conns: newConnLog(log), handshake: helloTimeout}
 	var err error
 	p.engine, err = relay.NewEngine(relay.Config{
 		Loops:        eventLoops(),
@@ -37,6 +40,7 @@ func newProxy(log *slog.Logger, alpn, fallback netip.AddrPort, port, listenPort 
 		DialTimeout:  dialTimeout,
 		Route:        p.route,
 		Done:         p.conns.add,
+		Takeover:     p.answerBuiltin,
 		AcceptError:  p.acceptFailed,
 	})
 	if err != nil {
@@ -109,6 +113,10 @@ func (p *proxy) acceptFailed(err error) {
 // everything else, TLS or not, to the web server.
 func (p *proxy) route(c *relay.Conn) (netip.AddrPort, string) {
 	if c.OffersACME() {
+		if p.builtin != nil {
+			c.TakeOver() // see answerBuiltin
+			return netip.AddrPort{}, "acme"
+		}
 		return p.alpn, "acme"
 	}
 	if p.fallback.IsValid() {

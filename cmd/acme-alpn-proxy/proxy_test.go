@@ -97,6 +97,12 @@ func startTestProxy(t *testing.T, alpn, fallback string, helloTimeout time.Durat
 
 func startTestProxyLog(t *testing.T, alpn, fallback string, helloTimeout time.Duration, logTo io.Writer) (*proxy, string) {
 	t.Helper()
+	return startTestProxyWith(t, alpn, fallback, helloTimeout, logTo, func(*proxy) {})
+}
+
+// startTestProxyWith is startTestProxyLog with setup run before serving.
+func startTestProxyWith(t *testing.T, alpn, fallback string, helloTimeout time.Duration, logTo io.Writer, setup func(*proxy)) (*proxy, string) {
+	t.Helper()
 	ls, err := listenAll(context.Background(), "127.0.0.1:0", false, false)
 	if err != nil {
 		t.Fatal(err)
@@ -114,6 +120,7 @@ func startTestProxyLog(t *testing.T, alpn, fallback string, helloTimeout time.Du
 		defer cancel()
 		p.drain(ctx)
 	})
+	setup(p)
 	if err := p.serve(ls); err != nil {
 		t.Fatal(err)
 	}

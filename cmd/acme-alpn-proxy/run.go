@@ -29,6 +29,9 @@ func runWrapped(cfg config, argv []string, stderr io.Writer) int {
 
 	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
+	if cfg.alpnCerts != "" {
+		cmd.Env = append(os.Environ(), alpnCertsEnv+"="+cfg.alpnCerts) // for the hook
+	}
 	code := exitFailure
 	if err := cmd.Start(); err != nil {
 		log.Error("command did not start", "err", err)

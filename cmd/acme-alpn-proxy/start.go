@@ -152,12 +152,15 @@ func startInstance(cfg config, log *slog.Logger, lock *pidLock) (in *instance, e
 	if in.p, err = newProxy(log, alpn, fallback, cfg.port, cfg.listenPort, cfg.helloTimeout, cfg.dialTimeout); err != nil {
 		return in, err
 	}
+	if in.p.builtin, err = builtinResponder(cfg); err != nil {
+		return in, err
+	}
 	// Serve before intercepting: no intercepted connection may find the
 	// listener not yet accepting.
 	if err := in.p.serve(in.ls); err != nil {
 		return in, err
 	}
-	log.Info("listening", "addr", in.ls.String(), "alpn", cfg.alpn, "fallback", fallbackName(cfg))
+	log.Info("listening", "addr", in.ls.String(), "alpn", alpnName(cfg), "fallback", fallbackName(cfg))
 
 	if cfg.noRedirect {
 		if err := in.lock.write(instanceState{pid: os.Getpid(), backend: "none", mode: "none"}); err != nil {

@@ -30,6 +30,7 @@ type Conn struct {
 	Duration time.Duration
 	End      string // one of the End* constants
 	Err      error  // nil when both sides closed cleanly
+	Note     string // what a Config.Takeover handler did, for Done
 
 	l               *loop
 	phase           phase
@@ -45,6 +46,7 @@ type Conn struct {
 	tprev, tnext *Conn
 	lprev, lnext *Conn
 	queued       bool // in loop.again
+	takeover     bool // Route called TakeOver
 }
 
 type phase uint8
@@ -203,6 +205,10 @@ func (c *Conn) route() {
 		c.ALPN = nil
 	}
 	c.Backend, c.Route = l.e.cfg.Route(c)
+	if c.takeover {
+		c.handOver()
+		return
+	}
 	if !c.Backend.IsValid() {
 		c.end(EndDialFailed, errNoBackend, false)
 		return

@@ -36,6 +36,10 @@
 //
 // shows splice calls; reads and writes carry only ClientHellos.
 //
+// Route may instead take a connection over (Conn.TakeOver): the engine
+// then hands the socket and the hello bytes to Config.Takeover and counts
+// the connection until the taker calls Finish.
+//
 // A direction waiting for its destination to take more bytes does not
 // watch its source meanwhile: if that source resets, the connection ends
 // when the destination reads again or goes away, as with a peer that idles.
@@ -44,6 +48,7 @@ package relay
 import (
 	"context"
 	"errors"
+	"net"
 	"net/netip"
 	"runtime"
 	"sync"
@@ -86,7 +91,8 @@ type Config struct {
 	// event loop: it must not block.
 	Route func(c *Conn) (backend netip.AddrPort, route string)
 	// Done is called once per accepted connection after it ended and its
-	// sockets are closed, on an event loop. c is reused afterwards: copy
+	// sockets are closed, on an event loop (for a connection taken over,
+	// on the goroutine that calls Finish). c is reused afterwards: copy
 	// what you keep.
 	Done func(c *Conn)
 	// AcceptError reports accept(2) failures other than the routine ones
@@ -94,6 +100,12 @@ type Config struct {
 	// pauses accepting with a backoff of up to a second; each failure is
 	// reported, so rate-limit any logging.
 	AcceptError func(err error)
+	// Takeover receives the connections Route claimed with Conn.TakeOver:
+	// client is the accepted socket (in Go's poller, deadlines work), hello
+	// the bytes already read from it, the callee's to keep. It runs on an
+	// event loop and must not block: hand off to a goroutine, which closes
+	// client and calls c.Finish, within a bound of its own (Drain waits).
+	Takeover func(c *Conn, client net.Conn, hello []byte)
 	// Loops is the number of event loops; 0 means GOMAXPROCS.
 	Loops int
 }
@@ -105,6 +117,7 @@ type Engine struct {
 	active atomic.Int64
 	wg     sync.WaitGroup
 	closed atomic.Bool
+	taken  takenSet
 }
 
 // NewEngine starts the event loops. They accept nothing until Serve.
@@ -179,7 +192,7 @@ func (e *Engine) Drain(ctx context.Context) int {
 		case <-ctx.Done():
 			var cut atomic.Int64
 			e.each(func(l *loop) error { cut.Add(int64(l.abortAll())); return nil })
-			return int(cut.Load())
+			return int(cut.Load()) + e.taken.cut()
 		case <-tick.C:
 		}
 	}
@@ -201,6 +214,8 @@ func (e *Engine) Close() {
 		return nil
 	})
 	e.wg.Wait()
+	e.taken.cut()
+	e.taken.wg.Wait() // their Done calls come before Close returns
 	for _, l := range e.loops {
 		l.closeFDs()
 	}
