@@ -22,6 +22,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/acme-alpn-proxy/acme-alpn-proxy/pkg/proxyproto"
 )
 
 // Exit codes of the status command; scripts depend on them.
@@ -37,6 +39,8 @@ const (
 type config struct {
 	alpn          string
 	fallback      string // "" = the original destination, port `port`
+	source        fallbackSource
+	alpnHeader    proxyproto.Version // PROXY header to the ACME responder; 0 = none
 	listen        string
 	port          uint16
 	listenPort    uint16
@@ -120,6 +124,9 @@ func parseArgs(args []string, stderr io.Writer) (cfg config, cmd string, rest []
 	fs.StringVar(&cfg.alpn, "alpn", "127.0.0.1:31443", "ACME TLS-ALPN-01 responder `host:port`")
 	fs.StringVar(&cfg.fallback, "fallback", "", "web server `host:port` (default: the address the client dialed, port -port;\n"+
 		"note: a loopback fallback makes every client look like localhost to the web server)")
+	source := fs.String("fallback-source", "host", "how the web server learns the client's address: host (it sees this host's),\n"+
+		"proxy-v1 or proxy-v2 (a PROXY protocol header; the web server must expect one)")
+	alpnHeader := fs.String("alpn-proxy-protocol", "off", "PROXY protocol header to the ACME responder: off, v1 or v2")
 	fs.StringVar(&cfg.listen, "listen", ":21443", "proxy listener `address` (host empty: IPv4 and IPv6)")
 	fs.DurationVar(&cfg.helloTimeout, "hello-timeout", 10*time.Second, "max `time` to receive a whole ClientHello")
 	fs.DurationVar(&cfg.drainTimeout, "drain-timeout", 180*time.Second, "max `time` to wait for in-flight connections at stop")
@@ -181,6 +188,12 @@ func parseArgs(args []string, stderr io.Writer) (cfg config, cmd string, rest []
 		if err = checkHostPort("-fallback", cfg.fallback); err != nil {
 			return cfg, "", nil, err
 		}
+	}
+	if cfg.source, err = parseFallbackSource(*source); err != nil {
+		return cfg, "", nil, err
+	}
+	if cfg.alpnHeader, err = parseHeaderVersion("-alpn-proxy-protocol", *alpnHeader); err != nil {
+		return cfg, "", nil, err
 	}
 	for name, d := range map[string]time.Duration{"-hello-timeout": cfg.helloTimeout, "-drain-timeout": cfg.drainTimeout, "-dial-timeout": cfg.dialTimeout} {
 		if d <= 0 {

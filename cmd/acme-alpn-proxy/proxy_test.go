@@ -95,7 +95,9 @@ func startTestProxy(t *testing.T, alpn, fallback string, helloTimeout time.Durat
 	return p, addr, logs
 }
 
-func startTestProxyLog(t *testing.T, alpn, fallback string, helloTimeout time.Duration, logTo io.Writer) (*proxy, string) {
+// startTestProxyLog starts a proxy on a loopback listener; setup, if any,
+// runs before it serves.
+func startTestProxyLog(t *testing.T, alpn, fallback string, helloTimeout time.Duration, logTo io.Writer, setup ...func(*proxy)) (*proxy, string) {
 	t.Helper()
 	ls, err := listenAll(context.Background(), "127.0.0.1:0", false, false)
 	if err != nil {
@@ -114,6 +116,9 @@ func startTestProxyLog(t *testing.T, alpn, fallback string, helloTimeout time.Du
 		defer cancel()
 		p.drain(ctx)
 	})
+	for _, f := range setup {
+		f(p)
+	}
 	if err := p.serve(ls); err != nil {
 		t.Fatal(err)
 	}
