@@ -24,8 +24,8 @@ import (
 	"time"
 )
 
-// ppSite is an Env with a TLS web server that expects PROXY headers on
-// 443 of every address.
+// ppSite is an Env with a TLS web server (nginx or HAProxy) that takes
+// PROXY headers.
 type ppSite struct {
 	*Env
 	files *issSite // certificates and processes, as the issuance tests run them
@@ -50,11 +50,13 @@ func newPPSite(t *testing.T) *ppSite {
 	return s
 }
 
-// ppNginxConf is the configuration the README shows, with a body that
-// echoes what nginx took from the header: remote_addr (replaced by the
-// header's source through real_ip), the header's source and destination.
-// The proxy connects from this host's own addresses, which are the only
-// ones trusted to send a header.
+// ppNginxConf is nginx with a body that echoes what it took from the
+// header: remote_addr (the header's source, through real_ip), the
+// header's source and destination. The proxy connects from this host's
+// own addresses, the only ones trusted to send a header. The listen lines
+// are a parameter: ppNginxPublic expects a header from everyone on 443,
+// ppNginxOwnPort (the README's) keeps 443 for clients and gives the proxy
+// a port of its own.
 const ppNginxConf = `daemon off;
 master_process on;
 worker_processes 1;
@@ -70,8 +72,7 @@ http {
   log_format pp '$remote_addr $proxy_protocol_addr $proxy_protocol_port $proxy_protocol_server_addr $proxy_protocol_server_port';
   access_log %[1]s/logs/access.log pp;
   server {
-    listen 443 ssl proxy_protocol;
-    listen [::]:443 ssl proxy_protocol;
+%[5]s
     set_real_ip_from %[3]s;
     set_real_ip_from %[4]s;
     set_real_ip_from 127.0.0.1;
@@ -83,29 +84,41 @@ http {
 }
 `
 
-// startNginx runs nginx (its own prefix, never the system service); it
-// returns the paths of its access and error logs.
-func (s *ppSite) startNginx() (accessLog, errorLog string) {
+const (
+	ppNginxPublic = `    listen 443 ssl proxy_protocol;
+    listen [::]:443 ssl proxy_protocol;`
+	ppNginxOwnPort = `    listen 443 ssl;
+    listen [::]:443 ssl;
+    listen 127.0.0.1:8443 ssl proxy_protocol;`
+)
+
+// startNginx runs nginx (its own prefix, never the system service) with
+// the listen lines given; it returns the process and the paths of its
+// access and error logs.
+func (s *ppSite) startNginx(listen string) (p *issProc, accessLog, errorLog string) {
 	t := s.files.t
 	d := filepath.Join(s.dir, "nginx")
 	if err := os.MkdirAll(filepath.Join(d, "logs"), 0o755); err != nil {
 		t.Fatal(err)
 	}
 	path := filepath.Join(d, "nginx.conf")
-	conf := fmt.Sprintf(ppNginxConf, d, s.dir, s.SrvV4, s.SrvV6)
+	conf := fmt.Sprintf(ppNginxConf, d, s.dir, s.SrvV4, s.SrvV6, listen)
 	if err := os.WriteFile(path, []byte(conf), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	errorLog = filepath.Join(d, "logs", "error.log")
-	p := s.files.start(s.Srv, "nginx", issLookPath("nginx"), "-p", d, "-c", path, "-e", errorLog)
+	p = s.files.start(s.Srv, "nginx", issLookPath("nginx"), "-p", d, "-c", path, "-e", errorLog)
 	s.files.waitListening(s.Srv, s.ServerAddr(IPv4, 443).String(), p)
 	s.files.waitListening(s.Srv, s.ServerAddr(IPv6, 443).String(), p)
-	return filepath.Join(d, "logs", "access.log"), errorLog
+	return p, filepath.Join(d, "logs", "access.log"), errorLog
 }
 
-// ppHAProxyConf is the configuration the README shows: accept-proxy on the
-// web server's port and on the ACME responder's, each answering with what
-// HAProxy took from the header (src, dst) and its frontend's name.
+// ppHAProxyConf is the configuration the README shows: on the web
+// server's port a header is expected from this host's own addresses (the
+// proxy's source) only, so clients coming straight in are served too; the
+// ACME responder's port takes one from everyone (accept-proxy). Each
+// answers with what HAProxy took from the header (src, dst) and its
+// frontend's name.
 const ppHAProxyConf = `global
   nbthread 1
 defaults
@@ -114,8 +127,9 @@ defaults
   timeout client 30s
   timeout server 30s
 frontend web
-  bind :443 ssl crt %[1]s/web-haproxy.pem accept-proxy
-  bind :::443 v6only ssl crt %[1]s/web-haproxy.pem accept-proxy
+  bind :443 ssl crt %[1]s/web-haproxy.pem
+  bind :::443 v6only ssl crt %[1]s/web-haproxy.pem
+  tcp-request connection expect-proxy layer4 if { src %[2]s %[3]s }
   http-request return status 200 content-type text/plain lf-string "%%[src] %%[src_port] %%[dst] %%[dst_port] %%f\n"
 frontend acme
   bind 127.0.0.1:31443 ssl crt %[1]s/web-haproxy.pem accept-proxy
@@ -137,7 +151,7 @@ func (s *ppSite) startHAProxy() {
 		t.Fatal(err)
 	}
 	path := filepath.Join(s.dir, "haproxy.cfg")
-	if err := os.WriteFile(path, []byte(fmt.Sprintf(ppHAProxyConf, s.dir)), 0o600); err != nil {
+	if err := os.WriteFile(path, []byte(fmt.Sprintf(ppHAProxyConf, s.dir, s.SrvV4, s.SrvV6)), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	p := s.files.start(s.Srv, "haproxy", issLookPath("haproxy"), "-db", "-f", path)
@@ -178,42 +192,17 @@ func (s *ppSite) get(target netip.AddrPort, alpn []string) (body string, client 
 }
 
 // nginx behind the proxy sees each client's own address and port, and the
-// address it dialed, IPv4 and IPv6, from a v1 or v2 header — also with an
-// explicit -fallback, where the header still names the dialed address —
-// and logs them; without a header it refuses the connection.
+// address it dialed, IPv4 and IPv6, from a v1 or v2 header, and logs them;
+// without a header it refuses the connection. With the README's setup (a
+// port of its own for the proxy, -fallback) the header still names the
+// address the client dialed, and clients reach 443 directly once the
+// proxy is stopped.
 func TestProxyProtocolNginx(t *testing.T) {
 	forEachVariant(t, func(t *testing.T, v Variant) {
 		s := newPPSite(t)
-		accessLog, errorLog := s.startNginx()
-		for _, tc := range []struct {
-			name  string
-			flags []string
-		}{
-			{"proxy-v1", []string{"-fallback-source", "proxy-v1"}},
-			{"proxy-v2", []string{"-fallback-source", "proxy-v2"}},
-			{"proxy-v2, -fallback 127.0.0.1:443", []string{"-fallback-source", "proxy-v2", "-fallback", "127.0.0.1:443"}},
-		} {
-			p := s.NewProxy(t, v, tc.flags...)
-			p.Start()
-			for _, f := range families {
-				target := s.ServerAddr(f, 443)
-				body, client, err := s.get(target, []string{"h2", "http/1.1"})
-				if err != nil {
-					t.Fatalf("%s, %v: %v (body %q)\nnginx error log:\n%s", tc.name, f, err, body, readFile(errorLog))
-				}
-				want := fmt.Sprintf("%s %s %d %s %d", client.Addr(), client.Addr(), client.Port(), target.Addr(), target.Port())
-				if body != want {
-					t.Errorf("%s, %v: nginx answered %q, want remote_addr, the header's source and destination: %q", tc.name, f, body, want)
-				}
-				line := want + "\n"
-				if log := waitFileContains(accessLog, line); !strings.Contains(log, line) {
-					t.Errorf("%s, %v: nginx access log lacks %q:\n%s", tc.name, f, line, log)
-				}
-			}
-			p.Stop()
-			if !logHasLine(p.RunLog(), "route=fallback", "source="+tc.flags[1]) {
-				t.Errorf("%s: no connection line says source=%s:\n%s", tc.name, tc.flags[1], p.RunLog())
-			}
+		nginx, accessLog, errorLog := s.startNginx(ppNginxPublic)
+		for _, source := range []string{"proxy-v1", "proxy-v2"} {
+			s.checkNginx(t, v, accessLog, errorLog, "-fallback-source", source)
 		}
 
 		// Without a header nginx takes the ClientHello for a broken
@@ -222,7 +211,7 @@ func TestProxyProtocolNginx(t *testing.T) {
 		p.Start()
 		before := strings.Count(readFile(errorLog), "broken header")
 		for _, f := range families {
-			if body, _, err := s.get(s.ServerAddr(f, 443), []string{"h2"}); err == nil {
+			if body, _, err := s.get(s.ServerAddr(f, 443), []string{"h2", "http/1.1"}); err == nil {
 				t.Errorf("-fallback-source host, %v: nginx with proxy_protocol answered %q, want a refused connection", f, body)
 			}
 		}
@@ -233,13 +222,52 @@ func TestProxyProtocolNginx(t *testing.T) {
 		if !logHasLine(p.RunLog(), "route=fallback", "source=host") {
 			t.Errorf("no connection line says source=host:\n%s", p.RunLog())
 		}
+
+		nginx.stop()
+		_, accessLog, errorLog = s.startNginx(ppNginxOwnPort)
+		s.checkNginx(t, v, accessLog, errorLog, "-fallback-source", "proxy-v2", "-fallback", "127.0.0.1:8443")
+		for _, f := range families {
+			body, client, err := s.get(s.ServerAddr(f, 443), []string{"h2", "http/1.1"})
+			if err != nil || body != client.Addr().String() {
+				t.Errorf("%v, no proxy: nginx answered %q, %v; want the client's own address and no header", f, body, err)
+			}
+		}
 	})
 }
 
-// HAProxy with accept-proxy takes src and dst from the header as nginx
-// does, for the web server and for the ACME responder
-// (-alpn-proxy-protocol): the responder too is told the address the client
-// dialed, not its own.
+// checkNginx runs the proxy with flags (-fallback-source first) and
+// checks that nginx answers and logs each client's address and port and
+// the address it dialed, taken from the header.
+func (s *ppSite) checkNginx(t *testing.T, v Variant, accessLog, errorLog string, flags ...string) {
+	t.Helper()
+	p := s.NewProxy(t, v, flags...)
+	p.Start()
+	for _, f := range families {
+		target := s.ServerAddr(f, 443)
+		body, client, err := s.get(target, []string{"h2", "http/1.1"})
+		if err != nil {
+			t.Fatalf("%q, %v: %v (body %q)\nnginx error log:\n%s", flags, f, err, body, readFile(errorLog))
+		}
+		want := fmt.Sprintf("%s %s %d %s %d", client.Addr(), client.Addr(), client.Port(), target.Addr(), target.Port())
+		if body != want {
+			t.Errorf("%q, %v: nginx answered %q, want remote_addr, the header's source and destination: %q", flags, f, body, want)
+		}
+		line := want + "\n"
+		if log := waitFileContains(accessLog, line); !strings.Contains(log, line) {
+			t.Errorf("%q, %v: nginx access log lacks %q:\n%s", flags, f, line, log)
+		}
+	}
+	p.Stop()
+	if !logHasLine(p.RunLog(), "route=fallback", "source="+flags[1]) {
+		t.Errorf("%q: no connection line says source=%s:\n%s", flags, flags[1], p.RunLog())
+	}
+}
+
+// HAProxy takes src and dst from the header as nginx does, for the web
+// server and for the ACME responder (-alpn-proxy-protocol): the responder
+// too is told the address the client dialed, not its own. Expecting the
+// header only from this host's addresses, it serves clients that come
+// straight in as well.
 func TestProxyProtocolHAProxy(t *testing.T) {
 	forEachVariant(t, func(t *testing.T, v Variant) {
 		s := newPPSite(t)
@@ -268,6 +296,13 @@ func TestProxyProtocolHAProxy(t *testing.T) {
 				if !logHasLine(p.RunLog(), "route="+route, "source=proxy-"+version) {
 					t.Errorf("%s: no route=%s connection line with source=proxy-%s:\n%s", version, route, version, p.RunLog())
 				}
+			}
+		}
+		for _, f := range families {
+			target := s.ServerAddr(f, 443)
+			body, client, err := s.get(target, []string{"h2", "http/1.1"})
+			if want := fmt.Sprintf("%s %d %s %d web", client.Addr(), client.Port(), target.Addr(), target.Port()); err != nil || body != want {
+				t.Errorf("%v, no proxy: HAProxy answered %q, %v; want %q", f, body, err, want)
 			}
 		}
 	})
