@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"runtime"
+	"slices"
 	"sync"
 	"time"
 
@@ -135,7 +136,9 @@ func (p *proxy) route(c *relay.Conn) (netip.AddrPort, string) {
 		backend = netip.AddrPortFrom(dialed.Addr(), p.port)
 	}
 	if header != 0 {
-		c.Dial.Header = proxyproto.Append(c.Dial.Header[:0], header, c.Client, dialed)
+		// The engine keeps the buffer with the Conn: one allocation per
+		// Conn, none per connection.
+		c.Dial.Header = proxyproto.Append(slices.Grow(c.Dial.Header[:0], proxyproto.MaxLen), header, c.Client, dialed)
 	}
 	return backend, route
 }
@@ -160,7 +163,7 @@ func (p *proxy) dialed(c *relay.Conn) netip.AddrPort {
 func (p *proxy) sourceName(c *relay.Conn) string {
 	switch {
 	case len(c.Dial.Header) > 0 && c.Route == "acme":
-		return "proxy-" + p.alpnHeader.String()
+		return sourceOf(p.alpnHeader).String()
 	case len(c.Dial.Header) > 0:
 		return p.source.String()
 	case c.Route == "fallback":

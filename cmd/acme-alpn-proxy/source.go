@@ -39,6 +39,17 @@ func (s fallbackSource) header() proxyproto.Version {
 	return 0
 }
 
+// sourceOf is the source that sends header v.
+func sourceOf(v proxyproto.Version) fallbackSource {
+	switch v {
+	case proxyproto.V1:
+		return sourceProxyV1
+	case proxyproto.V2:
+		return sourceProxyV2
+	}
+	return sourceHost
+}
+
 func parseFallbackSource(v string) (fallbackSource, error) {
 	for s, name := range fallbackSourceNames {
 		if v == name {
