@@ -99,6 +99,38 @@ func TestDialHeaderPartialWrites(t *testing.T) {
 	}
 }
 
+// A backend that resets while the header is still going out ends the
+// connection with none of the client's bytes counted: the header bytes
+// written are not Up.
+func TestDialHeaderNotCountedWhenCutShort(t *testing.T) {
+	hello := clientHello(t, &tls.Config{ServerName: "www.example.org"})
+	header := make([]byte, 8<<20)
+	h := newHarness(t, harnessOptions{
+		Route: func(c *Conn, back netip.AddrPort) (netip.AddrPort, string) {
+			c.Dial.Header = header
+			return back, "back"
+		},
+	})
+	client := h.dial(t)
+	if _, err := client.Write(hello); err != nil {
+		t.Fatal(err)
+	}
+	backend := h.acceptBackend(t, 10*time.Second)
+	if _, err := io.ReadFull(backend, make([]byte, 1<<20)); err != nil {
+		t.Fatal(err)
+	}
+	backend.SetLinger(0)
+	backend.Close()
+	r := h.wait(t)
+	if r.End != EndBackendReset && r.End != EndBackendError {
+		t.Errorf("ended %q (%v), want the backend's reset", r.End, r.Err)
+	}
+	if r.Up != 0 {
+		t.Errorf("Done reported up=%d with the header cut short, want 0: the header is not the client's", r.Up)
+	}
+	expectEnd(t, client, "client", true)
+}
+
 // BenchmarkHelloWrite compares ways to send a PROXY header and a
 // ClientHello to a connected backend: writev of both (what writeHello
 // does), copying both into one buffer and one write, and two writes.
