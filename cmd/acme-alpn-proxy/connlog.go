@@ -20,6 +20,9 @@ import (
 type connLog struct {
 	log   *slog.Logger
 	timer *time.Timer
+	// source names the connection's source for its line ("" for none);
+	// it runs on the event loop, in add.
+	source func(c *relay.Conn) string
 
 	mu      sync.Mutex
 	queue   []connLine
@@ -41,6 +44,7 @@ type connLine struct {
 	client, backend netip.AddrPort
 	sni, alpn       string
 	route, end      string
+	source          string
 	up, down        int64
 	dur             time.Duration
 	hello           sniff.Kind
@@ -65,6 +69,9 @@ func (q *connLog) add(c *relay.Conn) {
 	}
 	if len(c.ALPN) > 0 {
 		line.alpn = strings.Join(c.ALPN, ",")
+	}
+	if q.source != nil {
+		line.source = q.source(c)
 	}
 	q.mu.Lock()
 	if len(q.queue) < maxQueuedLines {
@@ -121,13 +128,17 @@ func (l *connLine) write(log *slog.Logger) {
 	if route == "" {
 		route = "none"
 	}
-	attrs := make([]slog.Attr, 0, 12)
+	attrs := make([]slog.Attr, 0, 13)
 	attrs = append(attrs,
 		slog.String("client", l.client.String()),
 		slog.String("sni", l.sni),
 		slog.String("alpn", l.alpn),
 		slog.String("route", route),
-		slog.String("backend", backend),
+		slog.String("backend", backend))
+	if l.source != "" {
+		attrs = append(attrs, slog.String("source", l.source))
+	}
+	attrs = append(attrs,
 		slog.Int64("up", l.up),
 		slog.Int64("down", l.down),
 		slog.Duration("dur", l.dur),

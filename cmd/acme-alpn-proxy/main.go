@@ -24,6 +24,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/acme-alpn-proxy/acme-alpn-proxy/pkg/proxyproto"
 )
 
 // Exit codes of the status command; scripts depend on them.
@@ -40,6 +42,8 @@ type config struct {
 	alpn          string
 	alpnCerts     string // "" = relay acme-tls/1 to -alpn; else answer it from this directory
 	fallback      string // "" = the original destination, port `port`
+	source        fallbackSource
+	alpnHeader    proxyproto.Version // PROXY header to the ACME responder; 0 = none
 	listen        string
 	port          uint16
 	listenPort    uint16
@@ -150,6 +154,9 @@ func parseArgs(args []string, stderr io.Writer) (cfg config, cmd string, rest []
 		"(<name>.crt.pem and <name>.key.pem, as dehydrated writes them); excludes -alpn")
 	fs.StringVar(&cfg.fallback, "fallback", "", "web server `host:port` (default: the address the client dialed, port -port;\n"+
 		"note: a loopback fallback makes every client look like localhost to the web server)")
+	source := fs.String("fallback-source", "host", "how the web server learns the client's address: host (it sees this host's),\n"+
+		"proxy-v1 or proxy-v2 (a PROXY protocol header; the web server must expect one)")
+	alpnHeader := fs.String("alpn-proxy-protocol", "off", "PROXY protocol header to the ACME responder: off, v1 or v2")
 	fs.StringVar(&cfg.listen, "listen", ":21443", "proxy listener `address` (host empty: each family start intercepts)")
 	fs.DurationVar(&cfg.helloTimeout, "hello-timeout", 10*time.Second, "max `time` to receive a whole ClientHello")
 	fs.DurationVar(&cfg.drainTimeout, "drain-timeout", 180*time.Second, "max `time` to wait for in-flight connections at stop")
@@ -225,6 +232,12 @@ func parseArgs(args []string, stderr io.Writer) (cfg config, cmd string, rest []
 		if err = checkHostPort("-fallback", cfg.fallback); err != nil {
 			return cfg, "", nil, err
 		}
+	}
+	if cfg.source, err = parseFallbackSource(*source); err != nil {
+		return cfg, "", nil, err
+	}
+	if cfg.alpnHeader, err = parseHeaderVersion("-alpn-proxy-protocol", *alpnHeader); err != nil {
+		return cfg, "", nil, err
 	}
 	for name, d := range map[string]time.Duration{"-hello-timeout": cfg.helloTimeout, "-drain-timeout": cfg.drainTimeout, "-dial-timeout": cfg.dialTimeout} {
 		if d <= 0 {

@@ -5,10 +5,12 @@ import (
 	"log/slog"
 	"net/netip"
 	"runtime"
+	"slices"
 	"sync"
 	"time"
 
 	"github.com/acme-alpn-proxy/acme-alpn-proxy/pkg/alpncert"
+	"github.com/acme-alpn-proxy/acme-alpn-proxy/pkg/proxyproto"
 	"github.com/acme-alpn-proxy/acme-alpn-proxy/pkg/relay"
 )
 
@@ -25,6 +27,10 @@ type proxy struct {
 	builtin    *alpncert.Responder // -alpn-certs: answer acme-tls/1 in-process
 	handshake  time.Duration       // the built-in responder's handshake bound
 
+	// PROXY protocol headers; set by sendHeaders before serve.
+	source     fallbackSource
+	alpnHeader proxyproto.Version
+
 	warnMu   sync.Mutex
 	lastWarn time.Time
 	failures int
@@ -33,6 +39,7 @@ type proxy struct {
 // newProxy starts the engine; serve then hands it the listeners.
 func newProxy(log *slog.Logger, alpn, fallback netip.AddrPort, port, listenPort uint16, helloTimeout, dialTimeout time.Duration) (*proxy, error) {
 	p := &proxy{log: log, alpn: alpn, fallback: fallback, port: port, listenPort: listenPort, conns: newConnLog(log), handshake: helloTimeout}
+	p.conns.source = p.sourceName
 	var err error
 	p.engine, err = relay.NewEngine(relay.Config{
 		Loops:        eventLoops(),
@@ -59,6 +66,13 @@ func eventLoops() int {
 	n := runtime.GOMAXPROCS(0)
 	runtime.GOMAXPROCS(n + 1)
 	return n
+}
+
+// sendHeaders makes the proxy send PROXY protocol headers: to the web
+// server as source says, to the ACME responder of version alpn (0: none).
+// Call it before serve.
+func (p *proxy) sendHeaders(source fallbackSource, alpn proxyproto.Version) {
+	p.source, p.alpnHeader = source, alpn
 }
 
 // serve accepts on every listener of ls, from every event loop.
@@ -110,32 +124,58 @@ func (p *proxy) acceptFailed(err error) {
 }
 
 // route sends a client offering acme-tls/1 to the ACME responder and
-// everything else, TLS or not, to the web server.
+// everything else, TLS or not, to the web server, with a PROXY protocol
+// header naming the client and the address it dialed where the flags ask
+// for one.
 func (p *proxy) route(c *relay.Conn) (netip.AddrPort, string) {
-	if c.OffersACME() {
-		if p.builtin != nil {
-			c.TakeOver() // see answerBuiltin
-			return netip.AddrPort{}, "acme"
-		}
-		return p.alpn, "acme"
+	backend, route, header := p.alpn, "acme", p.alpnHeader
+	switch {
+	case c.OffersACME() && p.builtin != nil:
+		c.TakeOver() // see answerBuiltin
+		return netip.AddrPort{}, "acme"
+	case !c.OffersACME():
+		backend, route, header = p.fallback, "fallback", p.source.header()
 	}
-	if p.fallback.IsValid() {
-		return p.fallback, "fallback"
+	var dialed netip.AddrPort
+	if header != 0 || !backend.IsValid() {
+		dialed = p.dialed(c)
 	}
-	return p.originalDst(c), "fallback"
+	if !backend.IsValid() {
+		backend = netip.AddrPortFrom(dialed.Addr(), p.port)
+	}
+	if header != 0 {
+		// The engine keeps the buffer with the Conn: one allocation per
+		// Conn, none per connection.
+		c.Dial.Header = proxyproto.Append(slices.Grow(c.Dial.Header[:0], proxyproto.MaxLen), header, c.Client, dialed)
+	}
+	return backend, route
 }
 
-// originalDst is where the client meant to connect, on the web server's
-// port. TPROXY keeps it as the socket's local address; after a NAT redirect
-// conntrack has it (SO_ORIGINAL_DST). A connection made straight to the
-// listener (local diagnostics) has neither: the local address is used.
-func (p *proxy) originalDst(c *relay.Conn) netip.AddrPort {
+// dialed is the address and port the client connected to. TPROXY keeps it
+// as the socket's local address; after a NAT redirect conntrack has it
+// (SO_ORIGINAL_DST). A connection made straight to the listener (local
+// diagnostics) has neither: the local address is used.
+func (p *proxy) dialed(c *relay.Conn) netip.AddrPort {
 	local, _ := c.LocalAddr()
-	addr := local.Addr()
 	if local.Port() == p.listenPort {
 		if dst, err := c.OriginalDst(); err == nil && dst.Port() != p.listenPort {
-			addr = dst.Addr()
+			local = dst
 		}
 	}
-	return netip.AddrPortFrom(addr.Unmap(), p.port)
+	return netip.AddrPortFrom(local.Addr().Unmap(), local.Port())
+}
+
+// sourceName says, for the log, whose address the backend was told the
+// connection comes from: "proxy-v1"/"proxy-v2" when a header named the
+// client, "host" for a fallback connection without one.
+func (p *proxy) sourceName(c *relay.Conn) string {
+	switch {
+	case len(c.Dial.Header) > 0 && c.Route == "acme":
+		return sourceOf(p.alpnHeader).String()
+	case len(c.Dial.Header) > 0:
+		return p.source.String()
+	case c.Route == "fallback":
+		return sourceHost.String()
+	}
+	return ""
 }

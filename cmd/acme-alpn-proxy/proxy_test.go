@@ -95,9 +95,15 @@ func startTestProxy(t *testing.T, alpn, fallback string, helloTimeout time.Durat
 	return p, addr, logs
 }
 
-func startTestProxyLog(t *testing.T, alpn, fallback string, helloTimeout time.Duration, logTo io.Writer) (*proxy, string) {
+// startTestProxyLog starts a proxy on a loopback listener; setup, if any,
+// runs before it serves.
+func startTestProxyLog(t *testing.T, alpn, fallback string, helloTimeout time.Duration, logTo io.Writer, setup ...func(*proxy)) (*proxy, string) {
 	t.Helper()
-	return startTestProxyWith(t, alpn, fallback, helloTimeout, logTo, func(*proxy) {})
+	return startTestProxyWith(t, alpn, fallback, helloTimeout, logTo, func(p *proxy) {
+		for _, f := range setup {
+			f(p)
+		}
+	})
 }
 
 // startTestProxyWith is startTestProxyLog with setup run before serving.

@@ -155,12 +155,14 @@ func startInstance(cfg config, log *slog.Logger, lock *pidLock) (in *instance, e
 	if in.p.builtin, err = builtinResponder(cfg); err != nil {
 		return in, err
 	}
+	in.p.sendHeaders(cfg.source, cfg.alpnHeader)
 	// Serve before intercepting: no intercepted connection may find the
 	// listener not yet accepting.
 	if err := in.p.serve(in.ls); err != nil {
 		return in, err
 	}
-	log.Info("listening", "addr", in.ls.String(), "alpn", alpnName(cfg), "fallback", fallbackName(cfg))
+	log.Info("listening", "addr", in.ls.String(), "alpn", alpnName(cfg), "fallback", fallbackName(cfg),
+		"fallback_source", cfg.source, "alpn_proxy_protocol", cfg.alpnHeader)
 
 	if cfg.noRedirect {
 		if err := in.lock.write(instanceState{pid: os.Getpid(), backend: "none", mode: "none"}); err != nil {

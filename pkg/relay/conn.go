@@ -25,8 +25,9 @@ type Conn struct {
 
 	Route   string         // Route's name for its choice; "" if never routed
 	Backend netip.AddrPort // Route's choice
+	Dial    DialOptions    // how to connect to Backend, as Route set them
 
-	Up, Down int64 // bytes relayed client → backend (hello included) and back
+	Up, Down int64 // bytes relayed client → backend (hello included, Dial.Header not) and back
 	Duration time.Duration
 	End      string // one of the End* constants
 	Err      error  // nil when both sides closed cleanly
@@ -36,7 +37,7 @@ type Conn struct {
 	phase           phase
 	client, backend endpoint
 	hello           *sniff.Hello // until it has been written to the backend
-	written         int          // hello bytes written so far
+	written         int          // Dial.Header and hello bytes written so far
 	clientEOF       bool         // the client closed its side during the hello
 	up, down        direction
 	alpnBuf         []string
@@ -240,12 +241,20 @@ func (c *Conn) route() {
 	c.writeHello()
 }
 
-// writeHello replays the hello bytes to the backend; the first write that
-// succeeds proves the connection is up.
+// writeHello writes Dial.Header, if any, and replays the hello bytes to
+// the backend; the first write that succeeds proves the connection is up.
+// Header and hello go in one writev while any of the header is left.
 func (c *Conn) writeHello() {
 	ep := &c.backend
+	header, raw := c.Dial.Header, c.hello.Raw
 	for ep.writable {
-		n, err := rawWrite(ep.fd, c.hello.Raw[c.written:])
+		var n int
+		var err error
+		if c.written < len(header) {
+			n, err = rawWritev2(ep.fd, header[c.written:], raw)
+		} else {
+			n, err = rawWrite(ep.fd, raw[c.written-len(header):])
+		}
 		switch {
 		case err == unix.EINTR:
 			continue
@@ -260,7 +269,7 @@ func (c *Conn) writeHello() {
 			return
 		}
 		c.written += n
-		if c.written == len(c.hello.Raw) {
+		if c.written == len(header)+len(raw) {
 			c.startRelay()
 			return
 		}
@@ -345,7 +354,7 @@ func (c *Conn) end(end string, err error, rst bool) {
 	case c.phase == phaseHello && c.hello != nil:
 		c.Up = int64(len(c.hello.Raw)) // read, never sent on
 	case c.phase == phaseDial:
-		c.Up = int64(c.written)
+		c.Up = int64(max(0, c.written-len(c.Dial.Header)))
 	}
 	if c.phase == phaseRelay {
 		c.Up += c.up.finish(&l.pipes)
@@ -361,7 +370,8 @@ func (c *Conn) end(end string, err error, rst bool) {
 	l.e.active.Add(-1)
 	l.e.cfg.Done(c)
 
-	*c = Conn{l: l, phase: phaseDone, client: c.client, backend: c.backend, up: c.up, down: c.down, alpnBuf: c.alpnBuf[:0]}
+	*c = Conn{l: l, phase: phaseDone, client: c.client, backend: c.backend, up: c.up, down: c.down, alpnBuf: c.alpnBuf[:0],
+		Dial: DialOptions{Header: c.Dial.Header[:0]}}
 	clear(c.alpnBuf[:cap(c.alpnBuf)])
 	if len(l.free) < maxFreeConns {
 		l.free = append(l.free, c)

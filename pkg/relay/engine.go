@@ -87,8 +87,9 @@ type Config struct {
 	// DialTimeout bounds the connection attempt to the backend (default 5s).
 	DialTimeout time.Duration
 	// Route picks the backend once the ClientHello has been read (or shown
-	// not to be one) and names the choice for Conn.Route. It runs on an
-	// event loop: it must not block.
+	// not to be one) and names the choice for Conn.Route; it may set
+	// c.Dial for the connection. It runs on an event loop: it must not
+	// block.
 	Route func(c *Conn) (backend netip.AddrPort, route string)
 	// Done is called once per accepted connection after it ended and its
 	// sockets are closed, on an event loop (for a connection taken over,
