@@ -163,6 +163,23 @@ prepare() {
 	esac
 }
 
+# haproxy_routes [BIND-OPTIONS]: HAProxy's frontend and backends, as in
+# the README: wait for a whole ClientHello, route acme-tls/1 by ALPN.
+haproxy_routes() {
+	cat <<EOF
+frontend bench
+	bind $ADDR${1:+ $1}
+	tcp-request inspect-delay 5s
+	tcp-request content accept if { req.ssl_hello_type 1 }
+	use_backend acme if { req.ssl_alpn acme-tls/1 }
+	default_backend web
+backend acme
+	server acme 127.0.0.1:$ACME_PORT
+backend web
+	server web 127.0.0.1:$WEB_PORT
+EOF
+}
+
 # start_peer PEER: sets ADDR (where clients connect), MAIN (PID to stop,
 # empty for direct) and WATCH (PIDs whose CPU/memory/fds are charged).
 start_peer() {
@@ -197,16 +214,7 @@ defaults
 	timeout server 10m
 	option splice-request
 	option splice-response
-frontend bench
-	bind $ADDR
-	tcp-request inspect-delay 5s
-	tcp-request content accept if { req.ssl_hello_type 1 }
-	use_backend acme if { req.ssl_alpn acme-tls/1 }
-	default_backend web
-backend acme
-	server acme 127.0.0.1:$ACME_PORT
-backend web
-	server web 127.0.0.1:$WEB_PORT
+$(haproxy_routes)
 EOF
 		haproxy -db -f "$WORK/haproxy.cfg" >>"$WORK/haproxy.log" 2>&1 &
 		;;
@@ -236,16 +244,7 @@ defaults
 	timeout server 10m
 	option splice-request
 	option splice-response
-frontend bench
-	bind $ADDR backlog 4096
-	tcp-request inspect-delay 5s
-	tcp-request content accept if { req.ssl_hello_type 1 }
-	use_backend acme if { req.ssl_alpn acme-tls/1 }
-	default_backend web
-backend acme
-	server acme 127.0.0.1:$ACME_PORT
-backend web
-	server web 127.0.0.1:$WEB_PORT
+$(haproxy_routes "backlog 4096")
 EOF
 		haproxy -db -f "$WORK/haproxy-tuned.cfg" >>"$WORK/haproxy-tuned.log" 2>&1 &
 		;;
