@@ -476,7 +476,8 @@ if [ "$MODE" = bench ]; then
 		echo
 		echo "Median of $REPS interleaved repetitions (min–max); ×N = ratio to direct."
 		echo "up = client→backend, down = backend→client, $DURATION per measurement, after a real TLS ClientHello."
-		echo "conn/s: connect, ClientHello, 1-byte answer, close, $CPS_CONCURRENCY in parallel; p50/p99 of that exchange."
+		echo "conn/s: connect, ClientHello, 1-byte answer, close, $CPS_CONCURRENCY in parallel; p50/p99 of that exchange;"
+		echo "CPU µs / conn: the proxy's utime+stime during the conn/s run over the connections (10 ms ticks)."
 		echo "Per idle connection: growth of the proxy's PSS and fd count over $IDLE_CONNS idle proxied connections."
 		echo "CPU s / GB: the proxy's utime+stime over all bulk runs / bytes relayed (10 ms ticks)."
 		echo

@@ -117,7 +117,7 @@ func TestReportRatiosToReferencePeer(t *testing.T) {
 	}
 	out := renderRatios(rs, "ref")
 	// conn/s 180/150, p50 —, p99 3/3; no row for direct or the reference.
-	if !strings.Contains(out, "| proxy | — | — | — | — | 1.20 | — | 1.00 | — | — | — |") ||
+	if !strings.Contains(out, "| proxy | — | — | — | — | 1.20 | — | 1.00 | — | — | — | — |") ||
 		strings.Contains(out, "| direct |") || strings.Contains(out, "| ref |") {
 		t.Errorf("ratios:\n%s", out)
 	}

@@ -102,6 +102,12 @@ var columns = []column{
 	{title: "conn/s @32", format: "%.0f", value: firstOf("cps", func(r Result) (float64, bool) { return r.CPS, r.Conns > 0 })},
 	{title: "p50 ms", format: "%.2f", value: firstOf("cps", func(r Result) (float64, bool) { return r.P50ms, r.Conns > 0 })},
 	{title: "p99 ms", format: "%.2f", value: firstOf("cps", func(r Result) (float64, bool) { return r.P99ms, r.Conns > 0 })},
+	{title: "CPU µs / conn", format: "%.0f", value: firstOf("cps", func(r Result) (float64, bool) {
+		if r.CPUSec == nil || r.Conns == 0 || r.Errors > 0 {
+			return 0, false
+		}
+		return *r.CPUSec / float64(r.Conns) * 1e6, true
+	})},
 	{title: "PSS KiB / idle conn", format: "%.1f", value: firstOf("idle", func(r Result) (float64, bool) {
 		if r.PSSKiBPerConn == nil {
 			return 0, false
