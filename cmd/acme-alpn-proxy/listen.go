@@ -5,15 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"net/netip"
-	"os"
 	"strings"
 	"syscall"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/acme-alpn-proxy/acme-alpn-proxy/pkg/intercept"
-	"github.com/acme-alpn-proxy/acme-alpn-proxy/pkg/relay"
 )
 
 // listenSet is the proxy's listeners: one per address family, so each can
@@ -24,10 +21,6 @@ type listenSet struct {
 	fds      []int
 	addrs    []string
 	families []intercept.Family // families with a wildcard listener
-	// groups[i] is fds[i] and the sockets opened later to share its
-	// address in its SO_REUSEPORT group, one per event loop.
-	groups      [][]int
-	transparent bool
 }
 
 // listenAll opens the listeners. With an empty host it opens 0.0.0.0 and
@@ -57,9 +50,17 @@ func listenAll(ctx context.Context, addr string, transparent, wantV6 bool) (*lis
 	default:
 		wants = append(wants, want{"tcp", addr, 0})
 	}
-	ls := &listenSet{transparent: transparent}
+	ls := &listenSet{}
 	for _, w := range wants {
-		ln, err := listenOne(ctx, w.network, w.addr, w.family, transparent)
+		lc := net.ListenConfig{
+			// No TCP keepalive on proxied connections (4 setsockopts each):
+			// liveness is the peers' business, as with HAProxy and nginx.
+			KeepAlive: -1,
+			Control: func(network, address string, c syscall.RawConn) error {
+				return controlListener(c, w.family, transparent)
+			},
+		}
+		ln, err := lc.Listen(ctx, w.network, w.addr)
 		if err != nil {
 			if w.family == intercept.IPv6 && host == "" && errors.Is(err, unix.EAFNOSUPPORT) {
 				continue // IPv6 disabled in this kernel
@@ -82,56 +83,12 @@ func listenAll(ctx context.Context, addr string, transparent, wantV6 bool) (*lis
 			return nil, fmt.Errorf("listen %s: %w", w.addr, err)
 		}
 		ls.fds = append(ls.fds, fd)
-		ls.groups = append(ls.groups, []int{fd})
 		ls.addrs = append(ls.addrs, ln.Addr().String())
 		if host == "" || net.ParseIP(host).IsUnspecified() {
 			ls.families = append(ls.families, w.family)
 		}
 	}
 	return ls, nil
-}
-
-func listenOne(ctx context.Context, network, addr string, family intercept.Family, transparent bool) (net.Listener, error) {
-	lc := net.ListenConfig{
-		// No TCP keepalive on proxied connections (4 setsockopts each):
-		// liveness is the peers' business, as with HAProxy and nginx.
-		KeepAlive: -1,
-		Control: func(network, address string, c syscall.RawConn) error {
-			return controlListener(c, family, transparent)
-		},
-	}
-	return lc.Listen(ctx, network, addr)
-}
-
-// shard opens more sockets on each listener's address until every
-// listener has n, one per event loop, in its SO_REUSEPORT group.
-func (ls *listenSet) shard(n int) error {
-	for i, fd := range ls.fds {
-		sa, err := unix.Getsockname(fd)
-		if err != nil {
-			return err
-		}
-		network, addr, family := "tcp4", "", intercept.IPv4
-		switch sa := sa.(type) {
-		case *unix.SockaddrInet4:
-			addr = netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port)).String()
-		case *unix.SockaddrInet6:
-			network, family = "tcp6", intercept.IPv6
-			addr = netip.AddrPortFrom(netip.AddrFrom16(sa.Addr), uint16(sa.Port)).String()
-		}
-		for len(ls.groups[i]) < n {
-			ln, err := listenOne(context.Background(), network, addr, family, ls.transparent)
-			if err != nil {
-				return fmt.Errorf("listen %s (one socket per event loop): %w", addr, err)
-			}
-			dup, err := detach(ln.(*net.TCPListener))
-			if err != nil {
-				return fmt.Errorf("listen %s: %w", addr, err)
-			}
-			ls.groups[i] = append(ls.groups[i], dup)
-		}
-	}
-	return nil
 }
 
 // detach takes the listening socket out of Go's netpoller, keeping a
@@ -158,16 +115,6 @@ func controlListener(c syscall.RawConn, family intercept.Family, transparent boo
 		if serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_NODELAY, 1); serr != nil {
 			return
 		}
-		if expReuseport {
-			if serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); serr != nil {
-				return
-			}
-		}
-		if expDefer {
-			if serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT, 1); serr != nil {
-				return
-			}
-		}
 		if family == intercept.IPv6 {
 			if serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 1); serr != nil {
 				return
@@ -191,20 +138,10 @@ func controlListener(c syscall.RawConn, family intercept.Family, transparent boo
 // Close closes every listener. The engine must have stopped accepting
 // from them first. Calling it twice is harmless.
 func (ls *listenSet) Close() {
-	for _, g := range ls.groups {
-		for _, fd := range g {
-			unix.Close(fd)
-		}
+	for _, fd := range ls.fds {
+		unix.Close(fd)
 	}
-	ls.fds, ls.groups = nil, nil
-}
-
-var expReuseport = strings.Contains(os.Getenv("ACME_EXP"), "reuseport")
-var expDefer = strings.Contains(os.Getenv("ACME_EXP"), "defer")
-
-func init() {
-	relay.ExpNoHandoff = strings.Contains(os.Getenv("ACME_EXP"), "nohandoff")
-	relay.ExpAcceptOne = strings.Contains(os.Getenv("ACME_EXP"), "acceptone")
+	ls.fds = nil
 }
 
 func (ls *listenSet) String() string { return strings.Join(ls.addrs, ",") }

@@ -59,17 +59,6 @@ func eventLoops() int {
 
 // serve accepts on every listener of ls, from every event loop.
 func (p *proxy) serve(ls *listenSet) error {
-	if expReuseport {
-		if err := ls.shard(p.engine.Loops()); err != nil {
-			return err
-		}
-		for _, g := range ls.groups {
-			if err := p.engine.ServeEach(g); err != nil {
-				return err
-			}
-		}
-		return nil
-	}
 	for _, fd := range ls.fds {
 		if err := p.engine.Serve(fd); err != nil {
 			return err

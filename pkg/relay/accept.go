@@ -63,12 +63,8 @@ func (l *loop) accept(lfd int) {
 			return
 		}
 		l.acceptBackoff = 0
-		l.accepted++
 		l.e.active.Add(1)
-		t := l
-		if !ExpNoHandoff {
-			t = l.e.leastLoaded(l)
-		}
+		t := l.e.leastLoaded(l)
 		t.load.Add(1)
 		if t != l && !t.handOff(accepted{fd, client}) {
 			t.load.Add(-1)
@@ -77,9 +73,6 @@ func (l *loop) accept(lfd int) {
 		}
 		if t == l {
 			l.newConn(fd, client)
-		}
-		if ExpAcceptOne {
-			return
 		}
 	}
 }
@@ -150,5 +143,3 @@ func (l *loop) resumeAccept() {
 		}
 	}
 }
-
-var ExpNoHandoff, ExpAcceptOne bool

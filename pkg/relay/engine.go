@@ -44,7 +44,6 @@ package relay
 import (
 	"context"
 	"errors"
-	"fmt"
 	"net/netip"
 	"runtime"
 	"sync"
@@ -158,25 +157,6 @@ func NewEngine(cfg Config) (*Engine, error) {
 func (e *Engine) Serve(fd int) error {
 	return e.each(func(l *loop) error { return l.addListener(fd) })
 }
-
-// ServeEach gives loop i the listening socket fds[i] alone, one per loop
-// (a SO_REUSEPORT group, where the kernel picks the socket for each
-// connection): no loop wakes for another's connections. len(fds) must be
-// Loops().
-func (e *Engine) ServeEach(fds []int) error {
-	if len(fds) != len(e.loops) {
-		return fmt.Errorf("relay: ServeEach got %d listeners for %d loops", len(fds), len(e.loops))
-	}
-	var errs []error
-	for i, l := range e.loops {
-		fd := fds[i]
-		errs = append(errs, l.call(func(l *loop) error { return l.addListener(fd) }))
-	}
-	return errors.Join(errs...)
-}
-
-// Loops is the number of event loops.
-func (e *Engine) Loops() int { return len(e.loops) }
 
 // StopAccepting makes the loops forget their listeners; when it returns
 // none will accept again, and the caller may close them. Connections

@@ -32,7 +32,6 @@ type loop struct {
 
 	quit      bool
 	rounds    int // epoll_wait returns, for tests that catch a spinning loop
-	accepted  int // connections this loop accepted, for tests
 	listeners []int
 	// Accepting pauses after EMFILE and the like; see pauseAccept.
 	acceptPaused  bool
