@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Loopback benchmark: acme-alpn-proxy against a direct connection, a naive Go
-# io.Copy relay, HAProxy (mode tcp, req.ssl_alpn, splice) and nginx (stream,
-# ssl_preread), side by side in one run. Repetitions are interleaved (rep 1:
+# io.Copy relay, HAProxy (mode tcp, req.ssl_alpn, splice; once with its
+# defaults, once tuned for this job) and nginx (stream, ssl_preread), side by
+# side in one run. Repetitions are interleaved (rep 1:
 # every peer, rep 2: every peer, ...) so a noisy neighbour hits all peers
 # alike; each cell is the median over the repetitions with min–max.
 #
@@ -9,8 +10,10 @@
 #        test/bench/run.sh strace     # strace tables only
 #        test/bench/run.sh profile    # CPU profile of acme-alpn-proxy's connection path only
 # env:   REPS=3 DURATION=3s IDLE_CONNS=5000 CPS_CONCURRENCY=32 BASE_PORT=24100
-#        PEERS="direct naive-io.Copy acme-alpn-proxy haproxy nginx"  (also: sslh; sslh-select is select()-based, so keep IDLE_CONNS < 500 for it)
-#        STRACE_PEERS="acme-alpn-proxy haproxy"   STRACE=0 skips the strace tables
+#        PEERS="direct naive-io.Copy acme-alpn-proxy haproxy-tuned haproxy nginx"  (also: sslh; sslh-select is select()-based, so keep IDLE_CONNS < 500 for it)
+#        a peer acme-alpn-proxy=PATH runs the binary at PATH (A/B runs of two builds)
+#        TESTS="idle bulk cps" (a subset for quick A/B runs)
+#        STRACE_PEERS="acme-alpn-proxy haproxy-tuned"   STRACE=0 skips the strace tables
 #        PROFILE=0 skips the CPU profile (acme-alpn-proxy -cpuprofile, during a cps run)
 #        ACME_ALPN_PROXY=path  (default: built from this checkout)
 # Needs root only to apt-get install missing peers (haproxy, nginx with the
@@ -24,10 +27,11 @@ DURATION=${DURATION:-3s}
 IDLE_CONNS=${IDLE_CONNS:-5000}
 CPS_CONCURRENCY=${CPS_CONCURRENCY:-32}
 BASE_PORT=${BASE_PORT:-24100}
-PEERS=${PEERS:-"direct naive-io.Copy acme-alpn-proxy haproxy nginx"}
+PEERS=${PEERS:-"direct naive-io.Copy acme-alpn-proxy haproxy-tuned haproxy nginx"}
+TESTS=${TESTS:-"idle bulk cps"}
 STRACE=${STRACE:-1}
 PROFILE=${PROFILE:-1}
-STRACE_PEERS=${STRACE_PEERS:-"acme-alpn-proxy haproxy"}
+STRACE_PEERS=${STRACE_PEERS:-"acme-alpn-proxy haproxy-tuned"}
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 OUT=$ROOT/test/bench/out
@@ -39,7 +43,20 @@ mkdir -p "$OUT"
 WEB_PORT=$((BASE_PORT + 1))
 ACME_PORT=$((BASE_PORT + 2))
 declare -A PEER_PORT=([naive-io.Copy]=$((BASE_PORT + 10)) [acme-alpn-proxy]=$((BASE_PORT + 11))
-	[haproxy]=$((BASE_PORT + 12)) [nginx]=$((BASE_PORT + 13)) [sslh]=$((BASE_PORT + 14)))
+	[haproxy]=$((BASE_PORT + 12)) [nginx]=$((BASE_PORT + 13)) [sslh]=$((BASE_PORT + 14))
+	[haproxy-tuned]=$((BASE_PORT + 15)))
+# The peer's name in the results and the table.
+declare -A LABEL=([haproxy]="HAProxy (defaults + splice)" [haproxy-tuned]="HAProxy (tuned)"
+	[nginx]="nginx stream (tuned)" [naive-io.Copy]="naive io.Copy")
+NCPU=$(nproc)
+label() { echo "${LABEL[$1]:-$1}"; }
+for p in $PEERS; do # acme-alpn-proxy=PATH: one more build, on a port of its own
+	case $p in acme-alpn-proxy=*)
+		PEER_PORT[$p]=$((BASE_PORT + 20 + ${#PEER_PORT[@]}))
+		LABEL[$p]="acme-alpn-proxy ($(basename "${p#*=}"))"
+		;;
+	esac
+done
 
 STARTED=() # every PID this script started, stopped on exit
 log() { echo "[bench] $*" >&2; }
@@ -124,7 +141,10 @@ prepare() {
 			return 1
 		fi
 		;;
-	haproxy)
+	acme-alpn-proxy=*)
+		[ -x "${1#*=}" ] || { echo "${1#*=} is not an executable"; return 1; }
+		;;
+	haproxy | haproxy-tuned)
 		command -v haproxy >/dev/null || apt_install haproxy || { echo "haproxy not installable"; return 1; }
 		;;
 	nginx)
@@ -143,6 +163,23 @@ prepare() {
 	esac
 }
 
+# haproxy_routes [BIND-OPTIONS]: HAProxy's frontend and backends, as in
+# the README: wait for a whole ClientHello, route acme-tls/1 by ALPN.
+haproxy_routes() {
+	cat <<EOF
+frontend bench
+	bind $ADDR${1:+ $1}
+	tcp-request inspect-delay 5s
+	tcp-request content accept if { req.ssl_hello_type 1 }
+	use_backend acme if { req.ssl_alpn acme-tls/1 }
+	default_backend web
+backend acme
+	server acme 127.0.0.1:$ACME_PORT
+backend web
+	server web 127.0.0.1:$WEB_PORT
+EOF
+}
+
 # start_peer PEER: sets ADDR (where clients connect), MAIN (PID to stop,
 # empty for direct) and WATCH (PIDs whose CPU/memory/fds are charged).
 start_peer() {
@@ -157,12 +194,14 @@ start_peer() {
 		"$LG" naive-relay -listen "$ADDR" -alpn 127.0.0.1:$ACME_PORT -fallback 127.0.0.1:$WEB_PORT \
 			-timeout 30m 2>>"$WORK/naive.log" &
 		;;
-	acme-alpn-proxy)
-		"$AAP" -no-redirect -listen "$ADDR" -alpn 127.0.0.1:$ACME_PORT -fallback 127.0.0.1:$WEB_PORT \
+	acme-alpn-proxy | acme-alpn-proxy=*)
+		local bin=$AAP
+		[ "$p" = acme-alpn-proxy ] || bin=${p#*=}
+		"$bin" -no-redirect -listen "$ADDR" -alpn 127.0.0.1:$ACME_PORT -fallback 127.0.0.1:$WEB_PORT \
 			-log "$WORK/acme-alpn-proxy.log" -pidfile "$WORK/acme-alpn-proxy.pid" -drain-timeout 5s \
 			${CPUPROFILE:+-cpuprofile "$CPUPROFILE"} start 2>>"$WORK/acme-alpn-proxy.stderr.log" &
 		;;
-	haproxy)
+	haproxy) # defaults, apart from forced splice
 		cat >"$WORK/haproxy.cfg" <<EOF
 global
 	maxconn 6000
@@ -175,36 +214,59 @@ defaults
 	timeout server 10m
 	option splice-request
 	option splice-response
-frontend bench
-	bind $ADDR
-	tcp-request inspect-delay 5s
-	tcp-request content accept if { req.ssl_hello_type 1 }
-	use_backend acme if { req.ssl_alpn acme-tls/1 }
-	default_backend web
-backend acme
-	server acme 127.0.0.1:$ACME_PORT
-backend web
-	server web 127.0.0.1:$WEB_PORT
+$(haproxy_routes)
 EOF
 		haproxy -db -f "$WORK/haproxy.cfg" >>"$WORK/haproxy.log" 2>&1 &
+		;;
+	haproxy-tuned)
+		# As an expert would set it up for a pure L4 relay that sniffs ALPN:
+		# one thread per CPU; splice forced both ways through pipes as large
+		# as ours (the default, 64 KiB, costs twice the CPU per GB);
+		# connections capped above the idle test's 5,000 (2 fds each, 2 per
+		# pipe: HAProxy refuses to start if the fd limit cannot hold them
+		# all), pipes above what 8 streams use at once; one log
+		# line per connection (option tcplog) as acme-alpn-proxy writes,
+		# to stdout, which is the log file here.
+		cat >"$WORK/haproxy-tuned.cfg" <<EOF
+global
+	nbthread $NCPU
+	maxconn 6000
+	maxpipes 1000
+	tune.pipesize 1048576
+	log stdout format raw local0 info
+defaults
+	mode tcp
+	log global
+	option tcplog
+	maxconn 6000
+	timeout connect 5s
+	timeout client 10m
+	timeout server 10m
+	option splice-request
+	option splice-response
+$(haproxy_routes "backlog 4096")
+EOF
+		haproxy -db -f "$WORK/haproxy-tuned.cfg" >>"$WORK/haproxy-tuned.log" 2>&1 &
 		;;
 	nginx)
 		find_nginx_stream || true
 		cat >"$WORK/nginx.conf" <<EOF
 ${NGINX_STREAM_MODULE:+load_module $NGINX_STREAM_MODULE;}
 daemon off;
-worker_processes auto;
+worker_processes $NCPU;
 worker_rlimit_nofile 19000;
 pid $WORK/nginx.pid;
 error_log $WORK/nginx.log warn;
-events { worker_connections 12000; }
+events { worker_connections 12000; multi_accept on; }
 stream {
+	log_format bench '\$remote_addr [\$time_local] \$upstream_addr \$status \$bytes_sent \$bytes_received \$session_time';
+	access_log $WORK/nginx-access.log bench buffer=64k flush=1s;
 	map \$ssl_preread_alpn_protocols \$bench_upstream {
 		~(^|,)acme-tls/1(,|\$) 127.0.0.1:$ACME_PORT;
 		default 127.0.0.1:$WEB_PORT;
 	}
 	server {
-		listen $ADDR backlog=4096;
+		listen $ADDR backlog=4096 reuseport;
 		ssl_preread on;
 		proxy_pass \$bench_upstream;
 		proxy_half_close on;
@@ -245,14 +307,14 @@ EOF
 stop_peer() { [ -z "$MAIN" ] || stop_pid "$MAIN"; }
 
 skip() { # skip PEER REP REASON: a note in the results
-	printf '{"peer":"%s","rep":%d,"mode":"skip","error":"%s"}\n' "$1" "$2" "${3//\"/\'}" >>"$RESULTS"
+	printf '{"peer":"%s","rep":%d,"mode":"skip","error":"%s"}\n' "$(label "$1")" "$2" "${3//\"/\'}" >>"$RESULTS"
 	log "$1: $3"
 }
 
 client() { # client MODE ARGS...: one loadgen client run, its JSON line appended to the results
 	local mode=$1 t0=$EPOCHREALTIME
 	shift
-	"$LG" "$mode" -peer "$PEER" -rep "$REP" -addr "$ADDR" -watch "$WATCH" "$@" >>"$RESULTS" 2>>"$WORK/loadgen.log" ||
+	"$LG" "$mode" -peer "$(label "$PEER")" -rep "$REP" -addr "$ADDR" -watch "$WATCH" "$@" >>"$RESULTS" 2>>"$WORK/loadgen.log" ||
 		skip "$PEER" "$REP" "loadgen $mode failed: $(tail -1 "$WORK/loadgen.log")"
 	log "  $mode $* took $(awk "BEGIN{printf \"%.1f\", $EPOCHREALTIME - $t0}") s"
 	sleep 0.5 # let the proxy close what the last test left
@@ -267,14 +329,16 @@ bench_peer() {
 	local check='"conns":1'
 	[ "$PEER" = direct ] || check=$("$LG" cps -addr "$ADDR" -alpn acme-tls/1 -expect A -concurrency 1 -duration 200ms 2>&1 || true)
 	case $check in *'"errors"'* | *'"conns":0'* | '') skip "$PEER" "$REP" "acme-tls/1 route check: $check" ;; esac
-	client idle -n "$IDLE_CONNS"
+	[[ " $TESTS " != *" idle "* ]] || client idle -n "$IDLE_CONNS"
 	local dir s
-	for dir in up down; do
-		for s in 1 8; do
-			client bulk -dir "$dir" -streams "$s" -duration "$DURATION"
+	if [[ " $TESTS " == *" bulk "* ]]; then
+		for dir in up down; do
+			for s in 1 8; do
+				client bulk -dir "$dir" -streams "$s" -duration "$DURATION"
+			done
 		done
-	done
-	client cps -concurrency "$CPS_CONCURRENCY" -duration "$DURATION"
+	fi
+	[[ " $TESTS " != *" cps "* ]] || client cps -concurrency "$CPS_CONCURRENCY" -duration "$DURATION"
 	stop_peer
 }
 
@@ -312,6 +376,37 @@ strace_peer() {
 	echo
 	echo "(throughput under strace, 4 s each: up $(grep -o '"gbps":[0-9.]*' "$WORK/strace-up.json" | cut -c8-12 || echo '?')," \
 		"down $(grep -o '"gbps":[0-9.]*' "$WORK/strace-down.json" | cut -c8-12 || echo '?') Gbit/s)"
+}
+
+# strace_cps_peer PEER: syscalls per connection of the proxy while the cps
+# client runs (connect, ClientHello, 1-byte answer, close).
+strace_cps_peer() {
+	PEER=$1 REP=0
+	if ! start_peer "$PEER" || [ -z "$MAIN" ]; then
+		echo "$PEER: did not start"
+		return
+	fi
+	local tids=() t st conns
+	for t in $(ls "/proc/$MAIN/task"); do tids+=(-p "$t"); done
+	for t in $(ps --ppid "$MAIN" -o pid=); do tids+=(-p "$t"); done
+	strace -f -c -o "$WORK/strace-cps-$PEER.txt" "${tids[@]}" 2>/dev/null &
+	st=$!
+	STARTED+=("$st")
+	sleep 1
+	"$LG" cps -addr "$ADDR" -concurrency 8 -duration 3s >"$WORK/strace-cps.json" 2>&1 || true
+	kill -INT "$st" 2>/dev/null || true
+	wait "$st" 2>/dev/null || true
+	stop_peer
+	conns=$(grep -o '"conns":[0-9]*' "$WORK/strace-cps.json" | cut -d: -f2)
+	echo
+	echo "### syscalls of $PEER per connection during conn/s (strace -f -c, cps @8 for 3 s, ${conns:-?} connections)"
+	echo
+	echo "| syscall | calls | per conn | errors |"
+	echo "|---|---:|---:|---:|"
+	awk -v n="${conns:-0}" '/^-+ /{sep++; next} sep==1 && NF>=5 {err = (NF==6) ? $5 : 0; printf "| %s | %d | %.2f | %d |\n", $NF, $4, (n>0 ? $4/n : 0), err}' \
+		"$WORK/strace-cps-$PEER.txt" | head -20
+	awk -v n="${conns:-0}" '$NF == "total" {printf "\n(total %d calls, %.1f per connection)\n", $4, (n>0 ? $4/n : 0)}' \
+		"$WORK/strace-cps-$PEER.txt"
 }
 
 # profile_peer: CPU profile of acme-alpn-proxy while the cps client runs
@@ -381,11 +476,12 @@ if [ "$MODE" = bench ]; then
 		echo
 		echo "Median of $REPS interleaved repetitions (min–max); ×N = ratio to direct."
 		echo "up = client→backend, down = backend→client, $DURATION per measurement, after a real TLS ClientHello."
-		echo "conn/s: connect, ClientHello, 1-byte answer, close, $CPS_CONCURRENCY in parallel; p50/p99 of that exchange."
+		echo "conn/s: connect, ClientHello, 1-byte answer, close, $CPS_CONCURRENCY in parallel; p50/p99 of that exchange;"
+		echo "CPU µs / conn: the proxy's utime+stime during the conn/s run over the connections (10 ms ticks)."
 		echo "Per idle connection: growth of the proxy's PSS and fd count over $IDLE_CONNS idle proxied connections."
 		echo "CPU s / GB: the proxy's utime+stime over all bulk runs / bytes relayed (10 ms ticks)."
 		echo
-		"$LG" report -in "$RESULTS"
+		"$LG" report -in "$RESULTS" -vs "$(label haproxy-tuned)"
 	} | tee "$OUT/table-$STAMP.md"
 fi
 if [ "$MODE" = strace ] || { [ "$MODE" = bench ] && [ "$STRACE" != 0 ]; }; then
@@ -396,6 +492,7 @@ if [ "$MODE" = strace ] || { [ "$MODE" = bench ] && [ "$STRACE" != 0 ]; }; then
 				continue
 			fi
 			strace_peer "$PEER"
+			strace_cps_peer "$PEER"
 		done | tee "$OUT/strace-$STAMP.md"
 	else
 		log "strace not installable"

@@ -321,6 +321,14 @@ func runCPS(args []string) error {
 	if err != nil {
 		return err
 	}
+	pids, err := parsePIDs(*f.watch)
+	if err != nil {
+		return err
+	}
+	before, err := readUsage(pids)
+	if err != nil {
+		return err
+	}
 	var errs errCounter
 	var mu sync.Mutex
 	var lat []time.Duration
@@ -353,9 +361,17 @@ func runCPS(args []string) error {
 	}
 	wg.Wait()
 	elapsed := time.Since(start)
+	after, err := readUsage(pids)
+	if err != nil {
+		return err
+	}
 	res := f.result("cps")
 	errs.fill(&res)
 	res.Conns = len(lat)
+	if len(pids) > 0 {
+		cpu := float64(after.cpuTicks-before.cpuTicks) / procstat.UserHZ
+		res.CPUSec = &cpu
+	}
 	if len(lat) > 0 {
 		slices.Sort(lat)
 		res.CPS = float64(len(lat)) / elapsed.Seconds()

@@ -108,6 +108,24 @@ func TestReportMediansRatiosAndNotes(t *testing.T) {
 	}
 }
 
+func TestReportRatiosToReferencePeer(t *testing.T) {
+	rs := []Result{
+		{Peer: "direct", Rep: 1, Mode: "cps", CPS: 300, Conns: 1},
+		{Peer: "ref", Rep: 1, Mode: "cps", CPS: 100, P99ms: 4, Conns: 1},
+		{Peer: "ref", Rep: 2, Mode: "cps", CPS: 200, P99ms: 2, Conns: 1},
+		{Peer: "proxy", Rep: 1, Mode: "cps", CPS: 180, P99ms: 3, Conns: 1},
+	}
+	out := renderRatios(rs, "ref")
+	// conn/s 180/150, p50 —, p99 3/3; no row for direct or the reference.
+	if !strings.Contains(out, "| proxy | — | — | — | — | 1.20 | — | 1.00 | — | — | — | — |") ||
+		strings.Contains(out, "| direct |") || strings.Contains(out, "| ref |") {
+		t.Errorf("ratios:\n%s", out)
+	}
+	if out := renderRatios(rs, "absent"); !strings.Contains(out, "no results") {
+		t.Errorf("missing reference: %s", out)
+	}
+}
+
 // End to end on loopback: the naive relay routes by ALPN, relays an upload
 // with half-close, and a download, through the real backend.
 func TestNaiveRelayRoutesAndRelays(t *testing.T) {

@@ -17,6 +17,7 @@ import (
 func runReport(args []string) error {
 	fs := flag.NewFlagSet("report", flag.ExitOnError)
 	in := fs.String("in", "-", "results file (JSON lines), - for stdin")
+	vs := fs.String("vs", "", "also print every peer's medians as ratios to this peer's")
 	fs.Parse(args)
 	var r io.Reader = os.Stdin
 	if *in != "-" {
@@ -32,6 +33,9 @@ func runReport(args []string) error {
 		return err
 	}
 	fmt.Print(renderTable(results))
+	if *vs != "" {
+		fmt.Print("\n" + renderRatios(results, *vs))
+	}
 	return nil
 }
 
@@ -98,6 +102,12 @@ var columns = []column{
 	{title: "conn/s @32", format: "%.0f", value: firstOf("cps", func(r Result) (float64, bool) { return r.CPS, r.Conns > 0 })},
 	{title: "p50 ms", format: "%.2f", value: firstOf("cps", func(r Result) (float64, bool) { return r.P50ms, r.Conns > 0 })},
 	{title: "p99 ms", format: "%.2f", value: firstOf("cps", func(r Result) (float64, bool) { return r.P99ms, r.Conns > 0 })},
+	{title: "CPU µs / conn", format: "%.0f", value: firstOf("cps", func(r Result) (float64, bool) {
+		if r.CPUSec == nil || r.Conns == 0 || r.Errors > 0 {
+			return 0, false
+		}
+		return *r.CPUSec / float64(r.Conns) * 1e6, true
+	})},
 	{title: "PSS KiB / idle conn", format: "%.1f", value: firstOf("idle", func(r Result) (float64, bool) {
 		if r.PSSKiBPerConn == nil {
 			return 0, false
@@ -156,38 +166,9 @@ func summarize(vals []float64) stats {
 // one cell per metric: median (min–max) over the repetitions, then notes on
 // every error seen.
 func renderTable(results []Result) string {
-	var peers []string
-	reps := map[string]map[int][]Result{}
-	for _, r := range results {
-		if reps[r.Peer] == nil {
-			peers = append(peers, r.Peer)
-			reps[r.Peer] = map[int][]Result{}
-		}
-		reps[r.Peer][r.Rep] = append(reps[r.Peer][r.Rep], r)
-	}
-	table := map[string][]stats{}
-	for _, p := range peers {
-		for _, col := range columns {
-			var vals []float64
-			for _, rep := range reps[p] {
-				if v, ok := col.value(rep); ok {
-					vals = append(vals, v)
-				}
-			}
-			table[p] = append(table[p], summarize(vals))
-		}
-	}
-
+	peers, table := summarizePeers(results)
 	var b strings.Builder
-	b.WriteString("| peer |")
-	for _, col := range columns {
-		b.WriteString(" " + col.title + " |")
-	}
-	b.WriteString("\n|---|")
-	for range columns {
-		b.WriteString("---:|")
-	}
-	b.WriteString("\n")
+	writeHeader(&b)
 	for _, p := range peers {
 		fmt.Fprintf(&b, "| %s |", p)
 		for i, col := range columns {
@@ -213,6 +194,74 @@ func renderTable(results []Result) string {
 		for _, n := range notes {
 			b.WriteString("- " + n + "\n")
 		}
+	}
+	return b.String()
+}
+
+// summarizePeers returns the peers in order of first appearance and, for
+// each, one stats per column.
+func summarizePeers(results []Result) ([]string, map[string][]stats) {
+	var peers []string
+	reps := map[string]map[int][]Result{}
+	for _, r := range results {
+		if reps[r.Peer] == nil {
+			peers = append(peers, r.Peer)
+			reps[r.Peer] = map[int][]Result{}
+		}
+		reps[r.Peer][r.Rep] = append(reps[r.Peer][r.Rep], r)
+	}
+	table := map[string][]stats{}
+	for _, p := range peers {
+		for _, col := range columns {
+			var vals []float64
+			for _, rep := range reps[p] {
+				if v, ok := col.value(rep); ok {
+					vals = append(vals, v)
+				}
+			}
+			table[p] = append(table[p], summarize(vals))
+		}
+	}
+	return peers, table
+}
+
+func writeHeader(b *strings.Builder) {
+	b.WriteString("| peer |")
+	for _, col := range columns {
+		b.WriteString(" " + col.title + " |")
+	}
+	b.WriteString("\n|---|")
+	for range columns {
+		b.WriteString("---:|")
+	}
+	b.WriteString("\n")
+}
+
+// renderRatios prints every other peer's medians divided by ref's: the
+// comparison the README cites. Above 1 is better for throughput and
+// conn/s, worse for latency, memory, descriptors and CPU.
+func renderRatios(results []Result, ref string) string {
+	peers, table := summarizePeers(results)
+	base, ok := table[ref]
+	if !ok {
+		return fmt.Sprintf("(no results of %q to compare with)\n", ref)
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "Ratio of medians to %s:\n\n", ref)
+	writeHeader(&b)
+	for _, p := range peers {
+		if p == ref || p == "direct" {
+			continue
+		}
+		fmt.Fprintf(&b, "| %s |", p)
+		for i := range columns {
+			if s := table[p][i]; s.n > 0 && base[i].n > 0 && base[i].median > 0 {
+				fmt.Fprintf(&b, " %.2f |", s.median/base[i].median)
+			} else {
+				b.WriteString(" — |")
+			}
+		}
+		b.WriteString("\n")
 	}
 	return b.String()
 }
