@@ -17,14 +17,7 @@ const defaultLogPath = "/var/log/acme-alpn-proxy.log"
 // hook runner that waits for them to close (certbot's pre-hook) is not
 // blocked by our lifetime.
 func openLog(cfg config, stderr io.Writer, detach bool) (*slog.Logger, io.Closer, error) {
-	path := cfg.logPath
-	if path == "" {
-		if isTerminal(os.Stderr) {
-			path = "-"
-		} else {
-			path = defaultLogPath
-		}
-	}
+	path := resolvedLogPath(cfg)
 	var w io.Writer = stderr
 	var closer io.Closer = io.NopCloser(nil)
 	if path != "-" {
@@ -38,6 +31,18 @@ func openLog(cfg config, stderr io.Writer, detach bool) (*slog.Logger, io.Closer
 		}
 	}
 	return slog.New(slog.NewTextHandler(w, nil)), closer, nil
+}
+
+// resolvedLogPath is where a long-running command logs: -log, else "-"
+// (stderr) on a terminal, else defaultLogPath.
+func resolvedLogPath(cfg config) string {
+	switch {
+	case cfg.logPath != "":
+		return cfg.logPath
+	case isTerminal(os.Stderr):
+		return "-"
+	}
+	return defaultLogPath
 }
 
 func isTerminal(f *os.File) bool {

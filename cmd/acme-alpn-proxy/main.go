@@ -53,6 +53,7 @@ type config struct {
 	cpuProfile    string
 	disableV6     bool
 	ruleSpec      string
+	plainTables   bool // test only: nftables without owner tables
 }
 
 func main() {
@@ -80,10 +81,16 @@ environment:
   ACME_ALPN_PROXY_DISABLEV6 =y: do not intercept IPv6
   ACME_ALPN_PROXY_RULESPEC  iptables rule text after "-t nat -I PREROUTING 1"
                             (redirect mode; selects the iptables backend under auto)
+  ACME_ALPN_PROXY_TEST_PLAIN_TABLES
+                            =y: for tests only: nftables plain tables, as on a
+                            kernel < 5.12 (the guardian then removes them after a crash)
 `)
 }
 
 func realMain(args []string, stdout, stderr io.Writer) int {
+	if len(args) > 0 && args[0] == guardianCommand {
+		return guardianMain(args[1:], stderr)
+	}
 	cfg, cmd, cmdArgs, err := parseArgs(args, stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		return exitOK
@@ -199,6 +206,7 @@ func parseArgs(args []string, stderr io.Writer) (cfg config, cmd string, rest []
 	}
 	cfg.disableV6 = envYes(os.Getenv("ACME_ALPN_PROXY_DISABLEV6"))
 	cfg.ruleSpec = strings.TrimSpace(os.Getenv("ACME_ALPN_PROXY_RULESPEC"))
+	cfg.plainTables = envYes(os.Getenv("ACME_ALPN_PROXY_TEST_PLAIN_TABLES"))
 	if cfg.ruleSpec != "" {
 		if cfg.backend == "nft" {
 			return cfg, "", nil, errors.New("ACME_ALPN_PROXY_RULESPEC is iptables rule text: it cannot be used with -backend nft (unset it, or use -backend iptables)")

@@ -45,6 +45,7 @@ import (
 	"os/exec"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/acme-alpn-proxy/acme-alpn-proxy/pkg/intercept"
@@ -120,6 +121,11 @@ type Options struct {
 	IPTables, IP6Tables string
 	// Timeout bounds one command; it must exceed the -w lock wait.
 	Timeout time.Duration // default 60s
+	// Instance, if set, limits Remove to the rules of that instance
+	// (intercept.Config.Instance): a guardian cleaning up after its dead
+	// proxy leaves a newer instance's rules alone. Install still replaces
+	// the rules of every instance.
+	Instance string
 }
 
 // Backend installs and removes our rules with iptables and ip6tables.
@@ -132,7 +138,8 @@ type Backend struct {
 	bins     Binaries
 	logf     func(string, ...any)
 	timeout  time.Duration
-	warned   bool
+	instance string
+	warned   atomic.Bool
 }
 
 // New checks opts; it runs nothing, so it is cheap for `status` and `stop`.
@@ -148,6 +155,7 @@ func New(opts Options) (*Backend, error) {
 		bins:     DefaultBinaries,
 		logf:     opts.Logf,
 		timeout:  opts.Timeout,
+		instance: opts.Instance,
 	}
 	if b.run == nil {
 		b.run = ExecRunner{}
@@ -184,7 +192,7 @@ func (b *Backend) Install(rs intercept.RuleSet) error {
 		wanted[t.Family] = true
 	}
 	for _, f := range allFamilies {
-		err := b.removeOurs(f, nil)
+		err := b.removeOurs(f, nil, true)
 		switch {
 		case err != nil && wanted[f]:
 			return fmt.Errorf("compat: removing stale rules before install: %w", err)
@@ -225,20 +233,27 @@ func (b *Backend) RemoveIntercept() error {
 	only := intercept.RoleIntercept
 	var errs []error
 	for _, f := range allFamilies {
-		errs = append(errs, b.removeOurs(f, &only))
+		errs = append(errs, b.removeOurs(f, &only, false))
 	}
 	return errors.Join(errs...)
 }
 
 // Remove deletes every rule of ours in both families, whether or not this
-// process installed it, so `stop` cleans up after a killed instance.
+// process installed it, so `stop` cleans up after a killed instance (only
+// those of Options.Instance, if set).
+//
+// The families are cleaned concurrently: each command costs milliseconds
+// to tens of them, and a guardian removing a dead proxy's rules is racing
+// every new connection to port 443.
 func (b *Backend) Remove() error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	var errs []error
-	for _, f := range allFamilies {
-		errs = append(errs, b.removeOurs(f, nil))
+	errs := make([]error, len(allFamilies))
+	var wg sync.WaitGroup
+	for i, f := range allFamilies {
+		wg.Go(func() { errs[i] = b.removeOurs(f, nil, false) })
 	}
+	wg.Wait()
 	return errors.Join(errs...)
 }
 
@@ -251,11 +266,14 @@ func (b *Backend) Close() error { return nil }
 const maxDeletes = 64
 
 // removeOurs deletes our rules of family f (only those of role *only, if
-// set) and then checks that none is left. A table the kernel does not
-// provide cannot hold our rules and counts as clean.
-func (b *Backend) removeOurs(f intercept.Family, only *intercept.Role) error {
+// set; only those of Options.Instance unless anyInstance) and then checks
+// that none is left. A table the kernel does not provide cannot hold our
+// rules and counts as clean.
+func (b *Backend) removeOurs(f intercept.Family, only *intercept.Role, anyInstance bool) error {
 	bin := b.bins.forFamily(f)
-	wanted := func(r ownRule) bool { return only == nil || r.Role == *only }
+	wanted := func(r ownRule) bool {
+		return (only == nil || r.Role == *only) && (anyInstance || b.instance == "" || r.Instance == b.instance)
+	}
 	deleted := 0
 	for _, loc := range ourLocations {
 		rules, err := b.list(f, loc)
@@ -341,8 +359,7 @@ func (b *Backend) exec(argv []string) ([]byte, *CommandError) {
 	ctx, cancel := context.WithTimeout(context.Background(), b.timeout)
 	defer cancel()
 	stdout, stderr, err := b.run.Run(ctx, argv)
-	if strings.Contains(string(stderr), "legacy tables present") && !b.warned {
-		b.warned = true
+	if strings.Contains(string(stderr), "legacy tables present") && !b.warned.Swap(true) {
 		b.logf("compat: %s: %s: rules made by the other iptables variant are invisible here and are not cleaned up", argv[0], strings.TrimSpace(string(stderr)))
 	}
 	if err != nil {
