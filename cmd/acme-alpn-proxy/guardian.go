@@ -56,6 +56,14 @@ const guardianCommand = "guardian-internal"
 // process of ordinary size, and the proxy keeps the score it was given.
 const guardianOOMScoreAdj = -999
 
+// guardianNice is the guardian's nice value. It sleeps until the proxy
+// dies; then its few milliseconds of work (and its iptables commands,
+// which inherit it) are all that stands between new connections and a
+// port with nobody behind it, often on a host busy with whatever killed
+// the proxy. -10 puts that work ahead of ordinary load, not of the kernel
+// threads and real-time tasks above it.
+const guardianNice = -10
+
 // guardianReadyTimeout bounds how long start waits for the guardian.
 const guardianReadyTimeout = 10 * time.Second
 
@@ -247,6 +255,9 @@ func guardianMain(args []string, stderr io.Writer) int {
 	if err := os.WriteFile("/proc/self/oom_score_adj", []byte(strconv.Itoa(guardianOOMScoreAdj)), 0); err != nil {
 		log.Warn("cannot lower own oom_score_adj; the OOM killer may pick the guardian", "err", err)
 	}
+	if err := setNiceAllThreads(guardianNice); err != nil {
+		log.Warn("cannot raise own priority; cleanup after a crash competes with the host's load", "err", err)
+	}
 	for _, fd := range []int{guardianLifeFD, guardianReadyFD} {
 		if _, err := unix.FcntlInt(uintptr(fd), unix.F_SETFD, unix.FD_CLOEXEC); err != nil {
 			log.Error("no pipes from the proxy (internal command, run by start)", "fd", fd, "err", err)
@@ -266,6 +277,25 @@ func guardianMain(args []string, stderr io.Writer) int {
 	died := time.Now()
 	log.Warn("proxy died without removing its rules; removing them", "proxy_pid", a.proxyPid, "backend", a.backend)
 	return guardianCleanUp(a, log, died)
+}
+
+// setNiceAllThreads sets the nice value of every thread of the process:
+// on Linux it is per thread, and threads inherit it from their creator.
+func setNiceAllThreads(nice int) error {
+	tasks, err := os.ReadDir("/proc/self/task")
+	if err != nil {
+		return err
+	}
+	for _, task := range tasks {
+		tid, err := strconv.Atoi(task.Name())
+		if err != nil {
+			continue
+		}
+		if err := unix.Setpriority(unix.PRIO_PROCESS, tid, nice); err != nil && !errors.Is(err, unix.ESRCH) {
+			return err
+		}
+	}
+	return nil
 }
 
 // readUntilEOF blocks until every writer of r has closed it (the proxy has

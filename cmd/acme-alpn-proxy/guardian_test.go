@@ -142,3 +142,26 @@ func TestGuardianAliveIgnoresOtherProcesses(t *testing.T) {
 		t.Error("a missing PID taken for a guardian")
 	}
 }
+
+func TestDying(t *testing.T) {
+	const alive = "1 (acme alpn) S 1 1 1 0 -1 4194560 0"
+	for name, tc := range map[string]struct {
+		stat, status string
+		want         bool
+	}{
+		"running":         {alive, "SigPnd:\t0000000000000000\nShdPnd:\t0000000000000000\n", false},
+		"zombie":          {"1 (acme alpn) Z 1 1 1 0 -1 4194560 0", "", true},
+		"exiting":         {"1 (acme alpn) R 1 1 1 0 -1 4194564 0", "", true},
+		"sigkill pending": {alive, "SigPnd:\t0000000000000100\nShdPnd:\t0000000000000000\n", true},
+		"sigkill shared":  {alive, "SigPnd:\t0000000000000000\nShdPnd:\t0000000000000100\n", true},
+		"sigterm pending": {alive, "SigPnd:\t0000000000004000\n", false},
+		"garbage":         {"nonsense", "", true},
+	} {
+		if got := dying([]byte(tc.stat), []byte(tc.status)); got != tc.want {
+			t.Errorf("%s: dying = %v, want %v", name, got, tc.want)
+		}
+	}
+	if !processAlive(os.Getpid()) {
+		t.Error("the test process reported dead")
+	}
+}

@@ -89,18 +89,53 @@ func sameFile(f *os.File, path string) bool {
 	return unix.Fstat(int(f.Fd()), &a) == nil && unix.Stat(path, &b) == nil && a.Dev == b.Dev && a.Ino == b.Ino
 }
 
-// processAlive reports whether pid exists and is not a zombie (whose
-// files, and so its locks, are released).
+// processAlive reports whether pid exists and is not dying: not a zombie
+// (whose files, and so its locks, are released), not exiting, and without
+// a SIGKILL pending — a `start` right after `kill -9` must not take the
+// dying instance for a running one.
 func processAlive(pid int) bool {
 	if pid <= 0 {
 		return false
 	}
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
 		return false
 	}
-	i := bytes.LastIndexByte(b, ')')
-	return i >= 0 && i+2 < len(b) && b[i+2] != 'Z' && b[i+2] != 'X'
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return false
+	}
+	return !dying(stat, status)
+}
+
+// pfExiting is PF_EXITING in the flags field of /proc/PID/stat.
+const pfExiting = 0x4
+
+// dying reads /proc/PID/stat and /proc/PID/status: a zombie, an exiting
+// task, or one with SIGKILL pending.
+func dying(stat, status []byte) bool {
+	i := bytes.LastIndexByte(stat, ')')
+	if i < 0 {
+		return true
+	}
+	f := strings.Fields(string(stat[i+1:]))
+	// After ')': state(3) ppid pgrp session tty_nr tpgid flags(9).
+	if len(f) < 7 || f[0] == "Z" || f[0] == "X" {
+		return true
+	}
+	if flags, err := strconv.ParseUint(f[6], 10, 64); err == nil && flags&pfExiting != 0 {
+		return true
+	}
+	for line := range strings.Lines(string(status)) {
+		k, v, ok := strings.Cut(line, ":")
+		if !ok || (k != "SigPnd" && k != "ShdPnd") {
+			continue
+		}
+		if mask, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64); err == nil && mask&(1<<(unix.SIGKILL-1)) != 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // write records the state; called while holding the lock.

@@ -38,11 +38,13 @@ package compat
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -274,22 +276,39 @@ func (b *Backend) removeOurs(f intercept.Family, only *intercept.Role, anyInstan
 	wanted := func(r ownRule) bool {
 		return (only == nil || r.Role == *only) && (anyInstance || b.instance == "" || r.Instance == b.instance)
 	}
-	deleted := 0
-	for _, loc := range ourLocations {
-		rules, err := b.list(f, loc)
+	// The chains are independent; cleaning them concurrently makes the
+	// rules go in the time of one chain's commands.
+	var deleted atomic.Int32
+	errs := make([]error, len(ourLocations))
+	var wg sync.WaitGroup
+	for i, loc := range ourLocations {
+		wg.Go(func() {
+			rules, err := b.list(f, loc)
+			if err != nil {
+				errs[i] = err
+				return
+			}
+			// Intercept rules first: once they are gone, new connections
+			// reach the web server.
+			slices.SortStableFunc(rules, func(a, b ownRule) int { return cmp.Compare(a.Role, b.Role) })
+			for _, r := range rules {
+				if !wanted(r) {
+					continue
+				}
+				// Another instance may have deleted it meanwhile: absent is fine.
+				if _, cerr := b.exec(r.deleteArgv(bin)); cerr != nil && !absent(cerr) {
+					errs[i] = cerr
+					return
+				}
+				deleted.Add(1)
+				b.logf("compat: removed %s -t %s %s", bin, loc.Table, r.Line)
+			}
+		})
+	}
+	wg.Wait()
+	for _, err := range errs { // the first: they often share one cause
 		if err != nil {
 			return err
-		}
-		for _, r := range rules {
-			if !wanted(r) {
-				continue
-			}
-			// Another instance may have deleted it meanwhile: absent is fine.
-			if _, cerr := b.exec(r.deleteArgv(bin)); cerr != nil && !absent(cerr) {
-				return cerr
-			}
-			deleted++
-			b.logf("compat: removed %s -t %s %s", bin, loc.Table, r.Line)
 		}
 	}
 	if b.specUncommented() && (only == nil || *only == intercept.RoleIntercept) {
@@ -308,7 +327,7 @@ func (b *Backend) removeOurs(f intercept.Family, only *intercept.Role, anyInstan
 			b.logf("compat: %s", strings.Join(del, " "))
 		}
 	}
-	if deleted == 0 {
+	if deleted.Load() == 0 {
 		return nil
 	}
 	// A line that -S prints but -D does not accept back would otherwise be
