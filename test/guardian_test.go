@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"net"
 	"os"
 	"regexp"
 	"strconv"
@@ -108,11 +109,13 @@ func requireGuardianDetached(t *testing.T, p *Proxy, g int) {
 	}
 }
 
-// firstDirect starts a request to the web server over f every 10 ms (a
-// SYN dropped by a dead TPROXY rule is retransmitted only after 1 s, so
-// one attempt at a time would measure the retransmission) until one is
-// answered by the web server itself, seeing the client's address, and
-// returns when that answer came, bounded by limit.
+// firstDirect opens a TCP connection to the web server's port over f
+// every 10 ms (a SYN dropped by a dead TPROXY rule is retransmitted only
+// after 1 s, so one attempt at a time would measure the retransmission)
+// until one is accepted by the web server itself, from the client's
+// address and port, and returns when that connection was established,
+// bounded by limit. TCP only: TLS handshakes on a loaded machine would
+// add their own delay to the measurement.
 func firstDirect(s *Site, f Family, limit time.Duration) (time.Time, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), limit)
 	defer cancel()
@@ -120,7 +123,7 @@ func firstDirect(s *Site, f Family, limit time.Duration) (time.Time, error) {
 		at  time.Time
 		err error
 	}
-	results := make(chan result, 1024)
+	results := make(chan result, 512)
 	tick := time.NewTicker(10 * time.Millisecond)
 	defer tick.Stop()
 	var last error
@@ -129,13 +132,7 @@ func firstDirect(s *Site, f Family, limit time.Duration) (time.Time, error) {
 		case <-tick.C:
 			if started < cap(results) {
 				started++
-				go func() {
-					a, err := s.Cli.Request(ctx, s.ServerAddr(f, 443), []string{"h2"})
-					if err == nil && (a.Server != "web" || a.Peer.Addr() != s.ClientAddr(f)) {
-						err = fmt.Errorf("answered by %q, which saw %v", a.Server, a.Peer)
-					}
-					results <- result{time.Now(), err}
-				}()
+				go func() { at, err := directConnect(ctx, s, f); results <- result{at, err} }()
 			}
 		case r := <-results:
 			if r.err == nil {
@@ -143,9 +140,34 @@ func firstDirect(s *Site, f Family, limit time.Duration) (time.Time, error) {
 			}
 			last = r.err
 		case <-ctx.Done():
-			return time.Time{}, fmt.Errorf("no direct answer over %v within %v: last %v", f, limit, last)
+			return time.Time{}, fmt.Errorf("no direct connection over %v within %v: last %v", f, limit, last)
 		}
 	}
+}
+
+// directConnect connects to the web server's port over f and returns when
+// the connection was established, if the web server accepted it from the
+// client's own address and port (not from a proxy).
+func directConnect(ctx context.Context, s *Site, f Family) (time.Time, error) {
+	c, err := s.Cli.Dial(ctx, s.ServerAddr(f, 443))
+	if err != nil {
+		return time.Time{}, err
+	}
+	at := time.Now()
+	local := c.LocalAddr().(*net.TCPAddr).AddrPort()
+	defer c.Close()
+	seen := func() bool {
+		for _, p := range s.Web.Peers() {
+			if p.Addr().Unmap() == local.Addr().Unmap() && p.Port() == local.Port() {
+				return true
+			}
+		}
+		return false
+	}
+	if !eventually(2*time.Second, seen) {
+		return time.Time{}, fmt.Errorf("connected from %v, but the web server did not accept that connection", local)
+	}
+	return at, nil
 }
 
 var guardianWoke = regexp.MustCompile(`time=(\S+) level=WARN msg="proxy died without removing its rules`)
@@ -182,6 +204,11 @@ func requireGuardianCleanedUp(t *testing.T, s *Site, v Variant, p *Proxy, g int,
 	}
 	if !eventually(10*time.Second, func() bool { return !procAlive(g) }) {
 		t.Errorf("guardian %d still running 10 s after its proxy died", g)
+	}
+	// The guardian's output reaches the log once the pipe it shares with
+	// the proxy is drained.
+	if err := p.WaitExit(10 * time.Second); err != nil {
+		t.Error(err)
 	}
 	if m := guardianWoke.FindStringSubmatch(p.Log()); m != nil {
 		if at, err := time.Parse(time.RFC3339Nano, m[1]); err == nil {
@@ -259,18 +286,12 @@ func TestGuardianLeavesNewerInstance(t *testing.T) {
 		old := newGuardedProxy(t, s, v, plain, "")
 		old.Start()
 		oldGuardian := guardianOf(t, old)
-		next := newGuardedProxy(t, s, v, plain, old.PidFile)
-		if err := syscall.Kill(old.Pid(), syscall.SIGKILL); err != nil {
-			t.Fatal(err)
-		}
-		if err := next.Launch(); err != nil {
-			t.Fatal(err)
-		}
-		if err := next.WaitReady(30 * time.Second); err != nil {
-			t.Fatal(err)
-		}
+		next := killAndStartNext(t, s, v, plain, old)
 		if !eventually(10*time.Second, func() bool { return !procAlive(oldGuardian) }) {
 			t.Fatalf("old guardian %d still running", oldGuardian)
+		}
+		if err := old.WaitExit(10 * time.Second); err != nil {
+			t.Fatal(err)
 		}
 		t.Logf("old guardian: %s", lastLine(old.Log(), "guardian="+strconv.Itoa(oldGuardian)))
 		if r := next.RunT("status"); r.Code != 0 {
@@ -290,20 +311,15 @@ func TestGuardianLeavesNewerInstance(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer syscall.Kill(held, syscall.SIGCONT)
-		third := newGuardedProxy(t, s, v, plain, old.PidFile)
-		if err := syscall.Kill(next.Pid(), syscall.SIGKILL); err != nil {
-			t.Fatal(err)
-		}
-		if err := third.Launch(); err != nil {
-			t.Fatal(err)
-		}
-		if err := third.WaitReady(30 * time.Second); err != nil {
-			t.Fatal(err)
-		}
+		third := killAndStartNext(t, s, v, plain, next)
 		rulesBefore := s.OurRules(t, v)
 		syscall.Kill(held, syscall.SIGCONT)
 		if !eventually(10*time.Second, func() bool { return !procAlive(held) }) {
 			t.Fatalf("held guardian %d still running after SIGCONT", held)
+		}
+		// Its output reaches the log once the pipe it shares is drained.
+		if err := next.WaitExit(10 * time.Second); err != nil {
+			t.Fatal(err)
 		}
 		if line := lastLine(next.Log(), "guardian="+strconv.Itoa(held)); !strings.Contains(line, "a newer instance holds the pid file") {
 			t.Errorf("held guardian's last word: %q; want it to leave the newer instance's rules", line)
@@ -320,6 +336,23 @@ func TestGuardianLeavesNewerInstance(t *testing.T) {
 		third.Stop()
 		requireNoRules(t, s, v)
 	})
+}
+
+// killAndStartNext kills p with SIGKILL and at once starts a new instance
+// on the same pid file, waiting until it is ready.
+func killAndStartNext(t *testing.T, s *Site, v Variant, plain bool, p *Proxy) *Proxy {
+	t.Helper()
+	next := newGuardedProxy(t, s, v, plain, p.PidFile)
+	if err := syscall.Kill(p.Pid(), syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	if err := next.Launch(); err != nil {
+		t.Fatal(err)
+	}
+	if err := next.WaitReady(30 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	return next
 }
 
 // lastLine is the last line of log containing substr.
