@@ -172,6 +172,8 @@ func directConnect(ctx context.Context, s *Site, f Family) (time.Time, error) {
 
 var guardianWoke = regexp.MustCompile(`time=(\S+) level=WARN msg="proxy died without removing its rules`)
 
+var guardianKnownTook = regexp.MustCompile(`msg="known rules deleted".*took=(\S+)`)
+
 var guardianTook = regexp.MustCompile(`rules removed: new connections go to the web server".*took=(\S+)`)
 
 // requireGuardianCleanedUp waits for what must follow the proxy's death:
@@ -215,11 +217,14 @@ func requireGuardianCleanedUp(t *testing.T, s *Site, v Variant, p *Proxy, g int,
 			took = append(took, fmt.Sprintf("guardian woke after %v", at.Sub(killed).Round(time.Millisecond)))
 		}
 	}
+	if m := guardianKnownTook.FindStringSubmatch(p.Log()); m != nil {
+		took = append(took, "deleted the known rules in "+m[1])
+	}
 	m := guardianTook.FindStringSubmatch(p.Log())
 	if m == nil {
 		t.Errorf("guardian logged no removal:\n%s", p.Log())
 	} else {
-		took = append(took, "removed the rules in "+m[1])
+		took = append(took, "removed and checked all in "+m[1])
 	}
 	t.Logf("guardian reaction %s %s: %s", v.Name(), how, strings.Join(took, ", "))
 	requireNoRules(t, s, v)

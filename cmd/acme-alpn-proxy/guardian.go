@@ -44,6 +44,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/acme-alpn-proxy/acme-alpn-proxy/pkg/compat"
+	"github.com/acme-alpn-proxy/acme-alpn-proxy/pkg/intercept"
 	"github.com/acme-alpn-proxy/acme-alpn-proxy/pkg/nft"
 )
 
@@ -80,8 +82,53 @@ const (
 	guardianReadyFD = 4
 )
 
-// cleanMsg is what the proxy writes once its rules are gone.
-const cleanMsg = "clean\n"
+// Messages on the life pipe: installedMsg + "MODE FAMILY..." once the
+// rules are in (so the guardian can delete them without listing chains
+// first), cleanMsg once they are gone again.
+const (
+	installedMsg = "installed "
+	cleanMsg     = "clean\n"
+)
+
+// lifeNews is what the proxy told the guardian before it exited.
+type lifeNews struct {
+	clean    bool
+	mode     intercept.Mode // "" if the rules were never reported installed
+	families []intercept.Family
+}
+
+func parseLifeNews(msg string) lifeNews {
+	var n lifeNews
+	for line := range strings.Lines(msg) {
+		if line == cleanMsg {
+			n.clean = true
+			continue
+		}
+		rest, ok := strings.CutPrefix(strings.TrimSuffix(line, "\n"), installedMsg)
+		if !ok {
+			continue
+		}
+		fields := strings.Fields(rest)
+		if len(fields) < 2 {
+			continue
+		}
+		mode, err := intercept.ParseMode(fields[0])
+		if err != nil {
+			continue
+		}
+		var fams []intercept.Family
+		for _, f := range fields[1:] {
+			switch f {
+			case intercept.IPv4.String():
+				fams = append(fams, intercept.IPv4)
+			case intercept.IPv6.String():
+				fams = append(fams, intercept.IPv6)
+			}
+		}
+		n.mode, n.families, n.clean = mode, fams, false
+	}
+	return n
+}
 
 // newInstanceID returns the id that ties rules to one run of the proxy.
 func newInstanceID() (string, error) {
@@ -115,6 +162,7 @@ type guardianArgs struct {
 	pidfile    string
 	backend    string
 	instance   string
+	port       uint16
 	listenPort uint16
 	proxyPid   int
 	logPath    string // "-" = stderr
@@ -123,7 +171,7 @@ type guardianArgs struct {
 func (a guardianArgs) argv() []string {
 	return []string{guardianCommand,
 		"-pidfile", a.pidfile, "-backend", a.backend, "-instance", a.instance,
-		"-listen-port", strconv.Itoa(int(a.listenPort)), "-proxy-pid", strconv.Itoa(a.proxyPid), "-log", a.logPath}
+		"-port", strconv.Itoa(int(a.port)), "-listen-port", strconv.Itoa(int(a.listenPort)), "-proxy-pid", strconv.Itoa(a.proxyPid), "-log", a.logPath}
 }
 
 func parseGuardianArgs(args []string) (guardianArgs, error) {
@@ -133,7 +181,8 @@ func parseGuardianArgs(args []string) (guardianArgs, error) {
 	fs.StringVar(&a.pidfile, "pidfile", "", "")
 	fs.StringVar(&a.backend, "backend", "", "")
 	fs.StringVar(&a.instance, "instance", "", "")
-	port := fs.Uint("listen-port", 0, "")
+	port := fs.Uint("port", 443, "")
+	listenPort := fs.Uint("listen-port", 0, "")
 	fs.IntVar(&a.proxyPid, "proxy-pid", 0, "")
 	fs.StringVar(&a.logPath, "log", "-", "")
 	if err := fs.Parse(args); err != nil {
@@ -144,10 +193,10 @@ func parseGuardianArgs(args []string) (guardianArgs, error) {
 		return a, errors.New("-pidfile, -instance and -proxy-pid are required")
 	case a.backend != "nft" && a.backend != "iptables":
 		return a, fmt.Errorf("-backend %q: want nft or iptables", a.backend)
-	case *port == 0 || *port > 65535:
-		return a, fmt.Errorf("-listen-port %d: want 1-65535", *port)
+	case *port == 0 || *port > 65535 || *listenPort == 0 || *listenPort > 65535:
+		return a, fmt.Errorf("-port %d, -listen-port %d: want 1-65535", *port, *listenPort)
 	}
-	a.listenPort = uint16(*port)
+	a.port, a.listenPort = uint16(*port), uint16(*listenPort)
 	return a, nil
 }
 
@@ -170,7 +219,7 @@ func startGuardian(cfg config, backend, instance string, log *slog.Logger) (*gua
 	}
 	logPath := resolvedLogPath(cfg)
 	a := guardianArgs{pidfile: cfg.pidfile, backend: backend, instance: instance,
-		listenPort: cfg.listenPort, proxyPid: os.Getpid(), logPath: logPath}
+		port: cfg.port, listenPort: cfg.listenPort, proxyPid: os.Getpid(), logPath: logPath}
 	cmd := exec.Command(self, a.argv()...)
 	cmd.ExtraFiles = []*os.File{lifeR, readyW}
 	if logPath == "-" {
@@ -213,6 +262,18 @@ func startGuardian(cfg config, backend, instance string, log *slog.Logger) (*gua
 	}()
 	log.Info("guardian started", "pid", g.pid, "instance", instance)
 	return g, nil
+}
+
+// installed tells the guardian which rules to delete if the proxy dies.
+func (g *guardian) installed(rs intercept.RuleSet) {
+	if g == nil {
+		return
+	}
+	msg := installedMsg + string(rs.Mode)
+	for _, t := range rs.Tables {
+		msg += " " + t.Family.String()
+	}
+	g.life.Write([]byte(msg + "\n"))
 }
 
 // dismiss tells the guardian its work is done (our rules are gone, or the
@@ -271,12 +332,13 @@ func guardianMain(args []string, stderr io.Writer) int {
 		return exitFailure
 	}
 
-	if readUntilEOF(life) == cleanMsg {
+	news := parseLifeNews(readUntilEOF(life))
+	if news.clean {
 		return exitOK
 	}
 	died := time.Now()
 	log.Warn("proxy died without removing its rules; removing them", "proxy_pid", a.proxyPid, "backend", a.backend)
-	return guardianCleanUp(a, log, died)
+	return guardianCleanUp(a, news, log, died)
 }
 
 // setNiceAllThreads sets the nice value of every thread of the process:
@@ -302,7 +364,7 @@ func setNiceAllThreads(nice int) error {
 // exited) and returns the first bytes written, bounded.
 func readUntilEOF(r io.Reader) string {
 	var msg []byte
-	buf := make([]byte, 64)
+	buf := make([]byte, 256)
 	for {
 		n, err := r.Read(buf)
 		if len(msg) < len(buf) {
@@ -317,7 +379,7 @@ func readUntilEOF(r io.Reader) string {
 // guardianCleanUp removes the dead proxy's rules and conntrack entries,
 // holding the pid-file lock so no new instance starts meanwhile, and
 // leaving everything alone when a newer instance already holds it.
-func guardianCleanUp(a guardianArgs, log *slog.Logger, died time.Time) int {
+func guardianCleanUp(a guardianArgs, news lifeNews, log *slog.Logger, died time.Time) int {
 	lock, holder, err := lockAfter(a.pidfile, a.proxyPid, guardianLockWait)
 	if err != nil {
 		log.Error("cannot take the pid-file lock; rules left in place (run `acme-alpn-proxy stop`)", "err", err)
@@ -329,7 +391,23 @@ func guardianCleanUp(a guardianArgs, log *slog.Logger, died time.Time) int {
 	}
 	defer lock.release()
 	logf := func(format string, args ...any) { log.Info(fmt.Sprintf(format, args...)) }
-	err = removeStaleOf(staleSelector{backend: a.backend, instance: a.instance, ruleSpec: os.Getenv("ACME_ALPN_PROXY_RULESPEC")}, logf)
+	ruleSpec := os.Getenv("ACME_ALPN_PROXY_RULESPEC")
+	if a.backend == "iptables" && news.mode != "" {
+		// The rules it installed, deleted without listing chains first.
+		rs, err := intercept.Build(intercept.Config{Mode: news.mode, Port: a.port, ListenPort: a.listenPort, Families: news.families, Instance: a.instance})
+		if err == nil {
+			var b *compat.Backend
+			if b, err = compat.New(compat.Options{RuleSpec: ruleSpec, Logf: logf}); err == nil {
+				err = b.RemoveRuleSet(rs)
+			}
+		}
+		if err != nil {
+			log.Warn("deleting the known rules failed; listing and removing", "err", err)
+		} else {
+			log.Info("known rules deleted", "took", time.Since(died).Round(time.Microsecond))
+		}
+	}
+	err = removeStaleOf(staleSelector{backend: a.backend, instance: a.instance, ruleSpec: ruleSpec}, logf)
 	took := time.Since(died)
 	if err != nil {
 		log.Error("removing the dead proxy's rules failed (run `acme-alpn-proxy stop`)", "err", err, "took", took)

@@ -4,13 +4,16 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/acme-alpn-proxy/acme-alpn-proxy/pkg/intercept"
 )
 
 func TestGuardianArgsRoundTrip(t *testing.T) {
-	a := guardianArgs{pidfile: "/run/p.pid", backend: "iptables", instance: "00ff", listenPort: 21443, proxyPid: 42, logPath: "-"}
+	a := guardianArgs{pidfile: "/run/p.pid", backend: "iptables", instance: "00ff", port: 8443, listenPort: 21443, proxyPid: 42, logPath: "-"}
 	argv := a.argv()
 	if argv[0] != guardianCommand {
 		t.Fatalf("argv[0] = %q", argv[0])
@@ -50,7 +53,7 @@ func TestReadUntilEOF(t *testing.T) {
 		go func() { w.Write([]byte(tc.write)); w.Close() }()
 		got := readUntilEOF(r)
 		r.Close()
-		if (got == cleanMsg) != tc.clean || len(got) > 64 {
+		if (got == cleanMsg) != tc.clean || len(got) > 256 {
 			t.Errorf("after %d bytes: read %q", len(tc.write), got)
 		}
 	}
@@ -163,5 +166,21 @@ func TestDying(t *testing.T) {
 	}
 	if !processAlive(os.Getpid()) {
 		t.Error("the test process reported dead")
+	}
+}
+
+func TestParseLifeNews(t *testing.T) {
+	for msg, want := range map[string]lifeNews{
+		"":                                   {},
+		cleanMsg:                             {clean: true},
+		"installed tproxy ip ip6\n":          {mode: intercept.TProxy, families: []intercept.Family{intercept.IPv4, intercept.IPv6}},
+		"installed redirect ip\n" + cleanMsg: {clean: true, mode: intercept.Redirect, families: []intercept.Family{intercept.IPv4}},
+		"installed redir":                    {}, // cut short by the death
+		"installed dnat ip\n":                {}, // not a mode
+	} {
+		got := parseLifeNews(msg)
+		if got.clean != want.clean || got.mode != want.mode || !slices.Equal(got.families, want.families) {
+			t.Errorf("parseLifeNews(%q) = %+v, want %+v", msg, got, want)
+		}
 	}
 }

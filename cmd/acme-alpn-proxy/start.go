@@ -188,6 +188,7 @@ func startInstance(cfg config, log *slog.Logger, lock *pidLock) (in *instance, e
 		in.guard.dismiss() // owner tables: the kernel removes them
 		in.guard = nil
 	}
+	in.guard.installed(in.rs)
 	st := instanceState{pid: os.Getpid(), backend: in.backendName, mode: string(in.rs.Mode), instance: in.id}
 	if in.guard != nil {
 		st.guardian = in.guard.pid

@@ -259,6 +259,52 @@ func (b *Backend) Remove() error {
 	return errors.Join(errs...)
 }
 
+// RemoveRuleSet deletes exactly the rules rs renders, by specification,
+// without listing the chains first: one command per rule, intercept rules
+// first, each table and family concurrently. It is the guardian's first
+// move after a crash, when every command's latency keeps port 443 pointed
+// at a dead listener; Remove then catches whatever it missed and checks.
+// Rules already gone are not an error.
+func (b *Backend) RemoveRuleSet(rs intercept.RuleSet) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	steps, err := render(rs, b.ruleSpec, b.bins)
+	if err != nil {
+		return err
+	}
+	type group struct {
+		f   intercept.Family
+		loc location
+	}
+	var order []group
+	byGroup := map[group][]step{}
+	for _, s := range steps {
+		g := group{s.Family, s.Loc}
+		if _, ok := byGroup[g]; !ok {
+			order = append(order, g)
+		}
+		byGroup[g] = append(byGroup[g], s)
+	}
+	errs := make([]error, len(order))
+	var wg sync.WaitGroup
+	for i, g := range order {
+		wg.Go(func() {
+			group := byGroup[g]
+			slices.SortStableFunc(group, func(a, b step) int { return cmp.Compare(a.Role, b.Role) })
+			for _, s := range group {
+				switch _, cerr := b.exec(s.Delete); {
+				case cerr == nil:
+					b.logf("compat: %s", strings.Join(s.Delete, " "))
+				case !absent(cerr) && !unavailable(cerr):
+					errs[i] = cerr
+				}
+			}
+		})
+	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
+
 // Close releases nothing: iptables rules outlive the process, so Remove
 // must be called to delete them. It exists so Backend has the same
 // lifecycle methods as the nftables backend.

@@ -1,6 +1,7 @@
 package compat
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os/exec"
@@ -475,6 +476,42 @@ func TestRemoveOnlyTheInstancesRules(t *testing.T) {
 					t.Errorf("Install left another instance's rule: %s", r)
 				}
 			}
+		}
+	}
+}
+
+// RemoveRuleSet deletes what rs renders and nothing else; rules already
+// gone are fine.
+func TestRemoveRuleSet(t *testing.T) {
+	for _, mode := range []intercept.Mode{intercept.TProxy, intercept.Redirect} {
+		fake := newFake()
+		other := mustBuild(t, mode, 443, 21443, intercept.IPv4)
+		other.Instance = "bbbb"
+		mine := mustBuild(t, mode, 443, 21443, intercept.IPv4, intercept.IPv6)
+		mine.Instance = "aaaa"
+		b := newTestBackend(t, fake, "")
+		if err := b.Install(other); err != nil {
+			t.Fatal(err)
+		}
+		want := fake.ours()
+		// Both sets at once, as no Install would leave them.
+		steps, err := render(mine, "", DefaultBinaries)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, s := range steps {
+			if _, _, err := fake.Run(context.Background(), s.Insert); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := b.RemoveRuleSet(mine); err != nil {
+			t.Fatalf("%s: %v", mode, err)
+		}
+		if n := fake.ours(); n != want {
+			t.Errorf("%s: %d rules of ours left, want the other instance's %d", mode, n, want)
+		}
+		if err := b.RemoveRuleSet(mine); err != nil {
+			t.Errorf("%s: second RemoveRuleSet: %v", mode, err)
 		}
 	}
 }
