@@ -83,7 +83,8 @@ func statFields(t *testing.T, pid int) []string {
 }
 
 // requireGuardianDetached checks what lets the guardian outlive its proxy:
-// its own session and process group, SIGHUP ignored, a low OOM score (when
+// its own session and process group, SIGHUP, SIGINT and SIGTERM ignored, a
+// low OOM score (when
 // this machine lets root lower it: it needs CAP_SYS_RESOURCE).
 func requireGuardianDetached(t *testing.T, p *Proxy, g int) {
 	t.Helper()
@@ -98,8 +99,10 @@ func requireGuardianDetached(t *testing.T, p *Proxy, g int) {
 	status, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", g))
 	m := regexp.MustCompile(`SigIgn:\s*([0-9a-f]+)`).FindSubmatch(status)
 	ign, _ := strconv.ParseUint(string(m[1]), 16, 64)
-	if ign&(1<<(uint(syscall.SIGHUP)-1)) == 0 {
-		t.Errorf("guardian does not ignore SIGHUP (SigIgn %s)", m[1])
+	for _, sig := range []syscall.Signal{syscall.SIGHUP, syscall.SIGINT, syscall.SIGTERM} {
+		if ign&(1<<(uint(sig)-1)) == 0 {
+			t.Errorf("guardian does not ignore %v (SigIgn %s): it must outlive its proxy's signals", sig, m[1])
+		}
 	}
 	adj, _ := os.ReadFile(fmt.Sprintf("/proc/%d/oom_score_adj", g))
 	if strings.Contains(p.RunLog(), "cannot lower own oom_score_adj") {
@@ -380,6 +383,13 @@ func TestGuardianKilledAlone(t *testing.T) {
 		p := newGuardedProxy(t, s, v, plain, "")
 		p.Start()
 		g := guardianOf(t, p)
+		// SIGTERM (say, `systemctl stop` signalling the whole unit) does
+		// not end it while its proxy lives.
+		syscall.Kill(g, syscall.SIGTERM)
+		time.Sleep(200 * time.Millisecond)
+		if !procAlive(g) {
+			t.Fatal("guardian ended by SIGTERM while its proxy runs")
+		}
 		if err := syscall.Kill(g, syscall.SIGKILL); err != nil {
 			t.Fatal(err)
 		}

@@ -15,7 +15,8 @@ package main
 //
 // It survives what the proxy dies of: its own session and process group (a
 // terminal's Ctrl-C and `kill -9 -PGID` of the proxy's group miss it),
-// SIGHUP and SIGPIPE ignored, and oom_score_adj -999, so the OOM killer
+// SIGHUP, SIGPIPE, SIGINT and SIGTERM ignored (it exits when the proxy
+// does), and oom_score_adj -999, so the OOM killer
 // takes the proxy, whose memory grows with its connections, long before
 // this process of a few MiB.
 //
@@ -203,10 +204,6 @@ func parseGuardianArgs(args []string) (guardianArgs, error) {
 // startGuardian runs the guardian and waits until it is ready to act. The
 // caller installs rules only after this returns without error.
 func startGuardian(cfg config, backend, instance string, log *slog.Logger) (*guardian, error) {
-	self, err := os.Executable()
-	if err != nil {
-		return nil, fmt.Errorf("guardian: cannot find own executable: %w", err)
-	}
 	lifeR, lifeW, err := os.Pipe()
 	if err != nil {
 		return nil, fmt.Errorf("guardian: %w", err)
@@ -220,7 +217,10 @@ func startGuardian(cfg config, backend, instance string, log *slog.Logger) (*gua
 	logPath := resolvedLogPath(cfg)
 	a := guardianArgs{pidfile: cfg.pidfile, backend: backend, instance: instance,
 		port: cfg.port, listenPort: cfg.listenPort, proxyPid: os.Getpid(), logPath: logPath}
-	cmd := exec.Command(self, a.argv()...)
+	// /proc/self/exe is the very binary running, even if a package
+	// upgrade has replaced the file since.
+	cmd := exec.Command("/proc/self/exe", a.argv()...)
+	cmd.Args[0] = os.Args[0]
 	cmd.ExtraFiles = []*os.File{lifeR, readyW}
 	if logPath == "-" {
 		cmd.Stderr = os.Stderr
@@ -232,7 +232,7 @@ func startGuardian(cfg config, backend, instance string, log *slog.Logger) (*gua
 	if err != nil {
 		lifeW.Close()
 		readyR.Close()
-		return nil, fmt.Errorf("guardian: starting %s: %w", self, err)
+		return nil, fmt.Errorf("guardian: re-executing this binary (/proc/self/exe): %w", err)
 	}
 	g := &guardian{pid: cmd.Process.Pid, life: lifeW, exited: make(chan struct{})}
 	readyR.SetReadDeadline(time.Now().Add(guardianReadyTimeout))
@@ -300,7 +300,11 @@ func guardianMain(args []string, stderr io.Writer) int {
 	// Small and idle: one P and an eager collector keep its RSS low.
 	runtime.GOMAXPROCS(1)
 	debug.SetGCPercent(20)
-	signal.Ignore(syscall.SIGHUP, syscall.SIGPIPE)
+	// It exits when its proxy does. A closed terminal (SIGHUP), a log
+	// reader gone (SIGPIPE), or `systemctl stop` signalling every process
+	// of the unit (SIGTERM) while the proxy still drains must not end it
+	// first. SIGKILL still does.
+	signal.Ignore(syscall.SIGHUP, syscall.SIGPIPE, syscall.SIGINT, syscall.SIGTERM)
 
 	var w io.Writer = stderr
 	if a.logPath != "-" {
