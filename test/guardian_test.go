@@ -104,6 +104,14 @@ func requireGuardianDetached(t *testing.T, p *Proxy, g int) {
 			t.Errorf("guardian does not ignore %v (SigIgn %s): it must outlive its proxy's signals", sig, m[1])
 		}
 	}
+	// What it costs, for the README (not a pass/fail bound).
+	var mem []string
+	for _, line := range strings.Split(string(status), "\n") {
+		if k, v, ok := strings.Cut(line, ":"); ok && (k == "VmRSS" || k == "RssAnon" || k == "RssFile" || k == "Threads") {
+			mem = append(mem, k+" "+strings.Join(strings.Fields(v), " "))
+		}
+	}
+	t.Logf("guardian memory: %s", strings.Join(mem, ", "))
 	adj, _ := os.ReadFile(fmt.Sprintf("/proc/%d/oom_score_adj", g))
 	if strings.Contains(p.RunLog(), "cannot lower own oom_score_adj") {
 		t.Logf("guardian oom_score_adj %s: this machine denies lowering it (no CAP_SYS_RESOURCE), as the log says", strings.TrimSpace(string(adj)))
