@@ -185,8 +185,9 @@ func startInstance(cfg config, log *slog.Logger, lock *pidLock) (in *instance, e
 	}
 	warnIfConntrackTurnedOn(log, ctBefore)
 	if !needsGuardian(in.ic) {
-		in.guard.dismiss() // owner tables: the kernel removes them
+		in.guard.dismiss()
 		in.guard = nil
+		log.Info("guardian not needed: the kernel removes owner tables when this process dies")
 	}
 	in.guard.installed(in.rs)
 	st := instanceState{pid: os.Getpid(), backend: in.backendName, mode: string(in.rs.Mode), instance: in.id}
