@@ -3,9 +3,11 @@
 // netlink or when the user asks for it (-backend iptables).
 //
 // It renders the same intercept.RuleSet as pkg/nft, one iptables rule per
-// intercept.Rule, each tagged with the comment "acme-alpn-proxy" so that
-// every copy can be found again in `iptables -S` output, also after a
-// killed instance, and nothing else is ever touched:
+// intercept.Rule, each tagged with the comment "acme-alpn-proxy" (or
+// "acme-alpn-proxy-ID" for a rule set with an instance id, so a guardian
+// can tell a dead instance's rules from a newer one's) so that every copy
+// can be found again in `iptables -S` output, also after a killed
+// instance, and nothing else is ever touched:
 //
 //	redirect: -t nat    -I PREROUTING 1 -p tcp --dport 443 --syn -m addrtype --dst-type LOCAL
 //	                    -m comment --comment acme-alpn-proxy -j REDIRECT --to-ports 21443
