@@ -211,7 +211,7 @@ func TestRunForwardsSIGTERM(t *testing.T) {
 // status: 3 before start, 0 while running (naming backend and mode), 4
 // when rules of ours are installed with no proxy running, 3 again once
 // stop has removed them. Stale rules come from kill -9 with the iptables
-// backend, and for nftables from a plain (non-owner) table like the one
+// backend after its guardian was killed too, and for nftables from a plain (non-owner) table like the one
 // a kernel without owner tables keeps.
 func TestStatusExitCodes(t *testing.T) {
 	keep := func(v Variant) bool { return v.Backend == "iptables" || v.Mode == "redirect" }
@@ -236,6 +236,11 @@ func TestStatusExitCodes(t *testing.T) {
 }
 `)
 		} else {
+			// Without its guardian a killed instance leaves its rules.
+			syscall.Kill(guardianOf(t, p), syscall.SIGKILL)
+			if !eventually(5*time.Second, func() bool { return strings.Contains(p.RunLog(), "guardian exited") }) {
+				t.Fatalf("guardian kill not noticed:\n%s", p.RunLog())
+			}
 			p.Kill9()
 		}
 		if r := p.RunT("status"); r.Code != 4 {

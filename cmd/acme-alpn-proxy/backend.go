@@ -49,7 +49,7 @@ func chooseBackend(cfg config, log *slog.Logger) (interceptor, string, error) {
 	switch name {
 	case "nft":
 		var b *nft.Backend
-		b, err = nft.Open(nft.Options{Logf: logf})
+		b, err = nft.Open(nft.Options{Logf: logf, PlainTables: cfg.plainTables})
 		ic = b
 	case "iptables":
 		var b *compat.Backend
@@ -65,7 +65,7 @@ func chooseBackend(cfg config, log *slog.Logger) (interceptor, string, error) {
 
 // install installs the rule set for the requested mode. auto tries tproxy
 // and falls back to redirect when the kernel or iptables lacks TPROXY.
-func install(ic interceptor, cfg config, families []intercept.Family, log *slog.Logger) (intercept.RuleSet, error) {
+func install(ic interceptor, cfg config, families []intercept.Family, instance string, log *slog.Logger) (intercept.RuleSet, error) {
 	modes := []intercept.Mode{intercept.TProxy, intercept.Redirect}
 	switch {
 	case cfg.mode == "redirect" || cfg.ruleSpec != "":
@@ -75,7 +75,7 @@ func install(ic interceptor, cfg config, families []intercept.Family, log *slog.
 	}
 	var lastErr error
 	for _, mode := range modes {
-		rs, err := intercept.Build(intercept.Config{Mode: mode, Port: cfg.port, ListenPort: cfg.listenPort, Families: families})
+		rs, err := intercept.Build(intercept.Config{Mode: mode, Port: cfg.port, ListenPort: cfg.listenPort, Families: families, Instance: instance})
 		if err != nil {
 			return rs, err
 		}

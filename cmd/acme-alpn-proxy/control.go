@@ -47,7 +47,9 @@ func stop(cfg config, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "acme-alpn-proxy: running, but %v\n", err)
 		return exitFailure
 	}
-	if err := syscall.Kill(st.pid, syscall.SIGTERM); err != nil {
+	// ESRCH: the holder is a guardian removing a killed instance's rules;
+	// wait below until it is done.
+	if err := syscall.Kill(st.pid, syscall.SIGTERM); err != nil && !errors.Is(err, syscall.ESRCH) {
 		fmt.Fprintf(stderr, "acme-alpn-proxy: signalling pid %d: %v\n", st.pid, err)
 		return exitFailure
 	}
@@ -103,6 +105,7 @@ func status(cfg config, stdout, stderr io.Writer) int {
 		return exitFailure
 	}
 	fmt.Fprintf(stdout, "running (pid %d), backend %s, mode %s, interception active for %s\n%s", st.pid, st.backend, st.mode, describeFamilies(families), desc)
+	fmt.Fprint(stdout, describeGuardian(st))
 	if ct := readConntrackTable(); ct.loaded {
 		fmt.Fprintf(stdout, "  %v\n", ct)
 	}
@@ -165,6 +168,20 @@ func describeFamilies(fs []intercept.Family) string {
 	return s
 }
 
+// describeGuardian is status's line on who removes the rules if the proxy
+// is killed.
+func describeGuardian(st instanceState) string {
+	switch {
+	case st.guardian > 0 && guardianAlive(st.guardian):
+		return fmt.Sprintf("  guardian: pid %d, alive (removes the rules if the proxy dies)\n", st.guardian)
+	case st.guardian > 0:
+		return fmt.Sprintf("  guardian: pid %d, NOT running: if the proxy is killed, its rules stay until `acme-alpn-proxy stop`\n", st.guardian)
+	case st.backend == "nft":
+		return "  guardian: none needed (the kernel removes owner tables)\n"
+	}
+	return ""
+}
+
 func describeNFT(s nft.State) string {
 	var b strings.Builder
 	for _, t := range s.Tables {
@@ -223,25 +240,50 @@ func deleteStaleConntrack(cfg config) int {
 	return n
 }
 
-// removeStale removes what staleRules finds.
+// removeStale removes what staleRules finds: every instance's rules in both
+// backends (stop with none running).
 func removeStale() (string, error) {
 	stale := staleRules()
 	if stale == "" {
 		return "", nil
 	}
+	return stale, removeStaleOf(staleSelector{}, nil)
+}
+
+// staleSelector narrows stale-rule removal to one backend and one
+// instance's rules, as the guardian needs; the zero value selects all.
+type staleSelector struct {
+	backend  string // "nft", "iptables" or "" for both
+	instance string // intercept.Config.Instance; "" for every instance
+	ruleSpec string // ACME_ALPN_PROXY_RULESPEC the instance ran with
+}
+
+// removeStaleOf removes the stale rules sel selects; logf, if set, hears
+// each removal.
+func removeStaleOf(sel staleSelector, logf func(string, ...any)) error {
 	var errs []string
-	if _, err := nft.RemoveStale(); err != nil {
-		errs = append(errs, "nftables: "+err.Error())
+	if sel.backend != "iptables" {
+		removed, err := nft.RemoveStale(sel.instance)
+		if err != nil {
+			errs = append(errs, "nftables: "+err.Error())
+		}
+		if logf != nil {
+			for _, f := range removed {
+				logf("removed nft table %s %s", f, intercept.TableName)
+			}
+		}
 	}
-	if _, err := exec.LookPath("iptables"); err == nil {
-		if b, err := compat.New(compat.Options{}); err == nil {
-			if err := b.Remove(); err != nil {
-				errs = append(errs, "iptables: "+err.Error())
+	if sel.backend != "nft" {
+		if _, err := exec.LookPath("iptables"); err == nil {
+			if b, err := compat.New(compat.Options{Instance: sel.instance, RuleSpec: sel.ruleSpec, Logf: logf}); err == nil {
+				if err := b.Remove(); err != nil {
+					errs = append(errs, "iptables: "+err.Error())
+				}
 			}
 		}
 	}
 	if len(errs) > 0 {
-		return stale, errors.New(strings.Join(errs, "; "))
+		return errors.New(strings.Join(errs, "; "))
 	}
-	return stale, nil
+	return nil
 }

@@ -20,10 +20,7 @@ var defaultLogPath = "/var/log/acme-alpn-proxy.log"
 // them to close (certbot's pre-hook) is not blocked by our lifetime. To
 // the journal each line carries its syslog priority.
 func openLog(cfg config, stderr io.Writer, detach bool) (*slog.Logger, io.Closer, error) {
-	path := cfg.logPath
-	if path == "" {
-		path = defaultLogTarget()
-	}
+	path := resolvedLogPath(cfg)
 	if path == "-" {
 		if stderrIsJournal() {
 			return slog.New(newJournalHandler(stderr, nil)), io.NopCloser(nil), nil
@@ -47,6 +44,15 @@ func defaultLogTarget() string {
 		return "-"
 	}
 	return defaultLogPath
+}
+
+// resolvedLogPath is where a long-running command logs: -log, else
+// defaultLogTarget's choice.
+func resolvedLogPath(cfg config) string {
+	if cfg.logPath != "" {
+		return cfg.logPath
+	}
+	return defaultLogTarget()
 }
 
 func isTerminal(f *os.File) bool {

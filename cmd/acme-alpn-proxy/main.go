@@ -60,6 +60,7 @@ type config struct {
 	cpuProfile    string
 	disableV6     bool
 	ruleSpec      string
+	plainTables   bool // test only: nftables without owner tables
 }
 
 func main() {
@@ -101,10 +102,16 @@ environment:
   ACME_ALPN_PROXY_ALPN_CERTS the hook's directory when -alpn-certs is not given
   ACME_ALPN_PROXY_RULESPEC  iptables rule text after "-t nat -I PREROUTING 1"
                             (redirect mode; selects the iptables backend under auto)
+  ACME_ALPN_PROXY_TEST_PLAIN_TABLES
+                            =y: for tests only: nftables plain tables, as on a
+                            kernel < 5.12 (the guardian then removes them after a crash)
 `)
 }
 
 func realMain(args []string, stdout, stderr io.Writer) int {
+	if len(args) > 0 && args[0] == guardianCommand {
+		return guardianMain(args[1:], stderr)
+	}
 	if isBareHookCall(args) {
 		return runHook(os.Getenv(alpnCertsEnv), args, stderr)
 	}
@@ -256,6 +263,7 @@ func parseArgs(args []string, stderr io.Writer) (cfg config, cmd string, rest []
 	}
 	cfg.disableV6 = envYes(os.Getenv("ACME_ALPN_PROXY_DISABLEV6"))
 	cfg.ruleSpec = strings.TrimSpace(os.Getenv("ACME_ALPN_PROXY_RULESPEC"))
+	cfg.plainTables = envYes(os.Getenv("ACME_ALPN_PROXY_TEST_PLAIN_TABLES"))
 	if cfg.ruleSpec != "" {
 		if cfg.backend == "nft" {
 			return cfg, "", nil, errors.New("ACME_ALPN_PROXY_RULESPEC is iptables rule text: it cannot be used with -backend nft (unset it, or use -backend iptables)")

@@ -76,16 +76,19 @@ func TestPidfileLock(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := l.write(instanceState{pid: 4242, backend: "nft", mode: "tproxy"}); err != nil {
+	// A live PID: a holder that is not the process the file names is
+	// waited for (see TestLockPidfileWaitsForCleanup).
+	pid := os.Getpid()
+	if err := l.write(instanceState{pid: pid, backend: "nft", mode: "tproxy"}); err != nil {
 		t.Fatal(err)
 	}
 	_, err = lockPidfile(path)
 	var running *errRunning
-	if !errors.As(err, &running) || running.state.pid != 4242 {
-		t.Fatalf("second lock: %v, want errRunning with pid 4242", err)
+	if !errors.As(err, &running) || running.state.pid != pid {
+		t.Fatalf("second lock: %v, want errRunning with pid %d", err, pid)
 	}
 	ok, st, err := probePidfile(path)
-	if !ok || err != nil || st.pid != 4242 || st.backend != "nft" || st.mode != "tproxy" {
+	if !ok || err != nil || st.pid != pid || st.backend != "nft" || st.mode != "tproxy" {
 		t.Fatalf("probe: running=%v st=%+v err=%v", ok, st, err)
 	}
 	l.release()

@@ -2,11 +2,13 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"errors"
 	"fmt"
 	"os"
 	"strconv"
 	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -29,26 +31,111 @@ func (e *errRunning) Error() string {
 // instanceState is what a running instance records in its pid file for
 // stop and status, which run in other processes.
 type instanceState struct {
-	pid     int
-	backend string // "nft", "iptables" or "none"
-	mode    string // "tproxy", "redirect" or "none"
+	pid      int
+	backend  string // "nft", "iptables" or "none"
+	mode     string // "tproxy", "redirect" or "none"
+	guardian int    // PID of the guardian; 0 if none runs
+	instance string // id in our rules' comments
 }
 
-// lockPidfile takes the lock or returns *errRunning with the holder's state.
+// cleanupLockWait bounds how long start waits for a lock whose holder is
+// not the process the file names: a guardian removing a killed
+// instance's rules (see guardian.go), which takes milliseconds.
+const cleanupLockWait = 5 * time.Second
+
+// lockPidfile takes the lock or returns *errRunning with the holder's
+// state. A holder that is not the live process the file names is a
+// guardian cleaning up after it: start waits for it (bounded) rather than
+// report a dead instance as running.
 func lockPidfile(path string) (*pidLock, error) {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
-	if err != nil {
-		return nil, fmt.Errorf("pid file: %w (set -pidfile to a writable path)", err)
-	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		defer f.Close()
-		if errors.Is(err, unix.EWOULDBLOCK) {
-			st, _ := readState(f)
-			return nil, &errRunning{state: st}
+	deadline := time.Now().Add(cleanupLockWait)
+	for {
+		l, err := tryLockPidfile(path)
+		var running *errRunning
+		if !errors.As(err, &running) || processAlive(running.state.pid) || time.Now().After(deadline) {
+			return l, err
 		}
-		return nil, fmt.Errorf("pid file %s: lock: %w", path, err)
+		time.Sleep(5 * time.Millisecond)
 	}
-	return &pidLock{f: f}, nil
+}
+
+// tryLockPidfile takes the lock once, without waiting.
+func tryLockPidfile(path string) (*pidLock, error) {
+	for {
+		f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
+		if err != nil {
+			return nil, fmt.Errorf("pid file: %w (set -pidfile to a writable path)", err)
+		}
+		if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+			defer f.Close()
+			if errors.Is(err, unix.EWOULDBLOCK) {
+				st, _ := readState(f)
+				return nil, &errRunning{state: st}
+			}
+			return nil, fmt.Errorf("pid file %s: lock: %w", path, err)
+		}
+		// The holder we waited for may have removed the file before
+		// unlocking it (release): a lock on that file guards nothing.
+		if sameFile(f, path) {
+			return &pidLock{f: f}, nil
+		}
+		f.Close()
+	}
+}
+
+// sameFile reports whether path still names the open file f.
+func sameFile(f *os.File, path string) bool {
+	var a, b unix.Stat_t
+	return unix.Fstat(int(f.Fd()), &a) == nil && unix.Stat(path, &b) == nil && a.Dev == b.Dev && a.Ino == b.Ino
+}
+
+// processAlive reports whether pid exists and is not dying: not a zombie
+// (whose files, and so its locks, are released), not exiting, and without
+// a SIGKILL pending — a `start` right after `kill -9` must not take the
+// dying instance for a running one.
+func processAlive(pid int) bool {
+	if pid <= 0 {
+		return false
+	}
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return false
+	}
+	return !dying(stat, status)
+}
+
+// pfExiting is PF_EXITING in the flags field of /proc/PID/stat.
+const pfExiting = 0x4
+
+// dying reads /proc/PID/stat and /proc/PID/status: a zombie, an exiting
+// task, or one with SIGKILL pending.
+func dying(stat, status []byte) bool {
+	i := bytes.LastIndexByte(stat, ')')
+	if i < 0 {
+		return true
+	}
+	f := strings.Fields(string(stat[i+1:]))
+	// After ')': state(3) ppid pgrp session tty_nr tpgid flags(9).
+	if len(f) < 7 || f[0] == "Z" || f[0] == "X" {
+		return true
+	}
+	if flags, err := strconv.ParseUint(f[6], 10, 64); err == nil && flags&pfExiting != 0 {
+		return true
+	}
+	for line := range strings.Lines(string(status)) {
+		k, v, ok := strings.Cut(line, ":")
+		if !ok || (k != "SigPnd" && k != "ShdPnd") {
+			continue
+		}
+		if mask, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64); err == nil && mask&(1<<(unix.SIGKILL-1)) != 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // write records the state; called while holding the lock.
@@ -56,7 +143,14 @@ func (l *pidLock) write(st instanceState) error {
 	if err := l.f.Truncate(0); err != nil {
 		return err
 	}
-	_, err := l.f.WriteAt([]byte(fmt.Sprintf("%d\nbackend=%s mode=%s\n", st.pid, st.backend, st.mode)), 0)
+	line := fmt.Sprintf("%d\nbackend=%s mode=%s", st.pid, st.backend, st.mode)
+	if st.guardian > 0 {
+		line += fmt.Sprintf(" guardian=%d", st.guardian)
+	}
+	if st.instance != "" {
+		line += " instance=" + st.instance
+	}
+	_, err := l.f.WriteAt([]byte(line+"\n"), 0)
 	return err
 }
 
@@ -109,6 +203,10 @@ func readState(f *os.File) (instanceState, error) {
 				st.backend = v
 			case "mode":
 				st.mode = v
+			case "guardian":
+				st.guardian, _ = strconv.Atoi(v)
+			case "instance":
+				st.instance = v
 			}
 		}
 	}

@@ -28,6 +28,8 @@ type instance struct {
 	ic          interceptor // nil with -no-redirect
 	backendName string
 	rs          intercept.RuleSet
+	id          string    // instance id in our rules' comments
+	guard       *guardian // nil if the kernel removes our rules itself
 }
 
 // startForeground runs the proxy until SIGINT or SIGTERM.
@@ -178,12 +180,29 @@ func startInstance(cfg config, log *slog.Logger, lock *pidLock) (in *instance, e
 	if n := deleteStaleConntrack(cfg); n > 0 {
 		log.Info("deleted conntrack entries a killed instance left", "count", n)
 	}
+	if in.id, err = newInstanceID(); err != nil {
+		return in, err
+	}
+	// Before the rules: whenever they exist, someone removes them.
+	if in.guard, err = startGuardian(cfg, in.backendName, in.id, log); err != nil {
+		return in, err
+	}
 	ctBefore := readConntrackTable()
-	if in.rs, err = install(in.ic, cfg, families, log); err != nil {
+	if in.rs, err = install(in.ic, cfg, families, in.id, log); err != nil {
 		return in, err
 	}
 	warnIfConntrackTurnedOn(log, ctBefore)
-	if err := in.lock.write(instanceState{pid: os.Getpid(), backend: in.backendName, mode: string(in.rs.Mode)}); err != nil {
+	if !needsGuardian(in.ic) {
+		in.guard.dismiss()
+		in.guard = nil
+		log.Info("guardian not needed: the kernel removes owner tables when this process dies")
+	}
+	in.guard.installed(in.rs)
+	st := instanceState{pid: os.Getpid(), backend: in.backendName, mode: string(in.rs.Mode), instance: in.id}
+	if in.guard != nil {
+		st.guardian = in.guard.pid
+	}
+	if err := in.lock.write(st); err != nil {
 		return in, fmt.Errorf("pid file: %w", err)
 	}
 	ready := []any{"backend", in.backendName, "mode", in.rs.Mode, "port", cfg.port, "listen", in.ls.String(), "families", familyList(families, ",")}
@@ -281,7 +300,10 @@ func (in *instance) teardown() {
 	}
 	if in.ic != nil {
 		if err := in.ic.Remove(); err != nil {
+			// The guardian tries again when we have exited.
 			in.log.Error("removing rules failed", "err", err)
+		} else {
+			in.guard.dismiss()
 		}
 		in.ic.Close()
 		if in.rs.Mode == intercept.Redirect {

@@ -3,9 +3,11 @@
 // netlink or when the user asks for it (-backend iptables).
 //
 // It renders the same intercept.RuleSet as pkg/nft, one iptables rule per
-// intercept.Rule, each tagged with the comment "acme-alpn-proxy" so that
-// every copy can be found again in `iptables -S` output, also after a
-// killed instance, and nothing else is ever touched:
+// intercept.Rule, each tagged with the comment "acme-alpn-proxy" (or
+// "acme-alpn-proxy-ID" for a rule set with an instance id, so a guardian
+// can tell a dead instance's rules from a newer one's) so that every copy
+// can be found again in `iptables -S` output, also after a killed
+// instance, and nothing else is ever touched:
 //
 //	redirect: -t nat    -I PREROUTING 1 -p tcp --dport 443 --syn -m addrtype --dst-type LOCAL
 //	                    -m comment --comment acme-alpn-proxy -j REDIRECT --to-ports 21443
@@ -38,13 +40,16 @@ package compat
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/acme-alpn-proxy/acme-alpn-proxy/pkg/intercept"
@@ -120,6 +125,11 @@ type Options struct {
 	IPTables, IP6Tables string
 	// Timeout bounds one command; it must exceed the -w lock wait.
 	Timeout time.Duration // default 60s
+	// Instance, if set, limits Remove to the rules of that instance
+	// (intercept.Config.Instance): a guardian cleaning up after its dead
+	// proxy leaves a newer instance's rules alone. Install still replaces
+	// the rules of every instance.
+	Instance string
 }
 
 // Backend installs and removes our rules with iptables and ip6tables.
@@ -132,7 +142,8 @@ type Backend struct {
 	bins     Binaries
 	logf     func(string, ...any)
 	timeout  time.Duration
-	warned   bool
+	instance string
+	warned   atomic.Bool
 }
 
 // New checks opts; it runs nothing, so it is cheap for `status` and `stop`.
@@ -148,6 +159,7 @@ func New(opts Options) (*Backend, error) {
 		bins:     DefaultBinaries,
 		logf:     opts.Logf,
 		timeout:  opts.Timeout,
+		instance: opts.Instance,
 	}
 	if b.run == nil {
 		b.run = ExecRunner{}
@@ -184,7 +196,7 @@ func (b *Backend) Install(rs intercept.RuleSet) error {
 		wanted[t.Family] = true
 	}
 	for _, f := range allFamilies {
-		err := b.removeOurs(f, nil)
+		err := b.removeOurs(f, nil, true)
 		switch {
 		case err != nil && wanted[f]:
 			return fmt.Errorf("compat: removing stale rules before install: %w", err)
@@ -225,20 +237,73 @@ func (b *Backend) RemoveIntercept() error {
 	only := intercept.RoleIntercept
 	var errs []error
 	for _, f := range allFamilies {
-		errs = append(errs, b.removeOurs(f, &only))
+		errs = append(errs, b.removeOurs(f, &only, false))
 	}
 	return errors.Join(errs...)
 }
 
 // Remove deletes every rule of ours in both families, whether or not this
-// process installed it, so `stop` cleans up after a killed instance.
+// process installed it, so `stop` cleans up after a killed instance (only
+// those of Options.Instance, if set).
+//
+// The families are cleaned concurrently: each command costs milliseconds
+// to tens of them, and a guardian removing a dead proxy's rules is racing
+// every new connection to port 443.
 func (b *Backend) Remove() error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	var errs []error
-	for _, f := range allFamilies {
-		errs = append(errs, b.removeOurs(f, nil))
+	errs := make([]error, len(allFamilies))
+	var wg sync.WaitGroup
+	for i, f := range allFamilies {
+		wg.Go(func() { errs[i] = b.removeOurs(f, nil, false) })
 	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
+
+// RemoveRuleSet deletes exactly the rules rs renders, by specification,
+// without listing the chains first: one command per rule, intercept rules
+// first, each table and family concurrently. It is the guardian's first
+// move after a crash, when every command's latency keeps port 443 pointed
+// at a dead listener; Remove then catches whatever it missed and checks.
+// Rules already gone are not an error.
+func (b *Backend) RemoveRuleSet(rs intercept.RuleSet) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	steps, err := render(rs, b.ruleSpec, b.bins)
+	if err != nil {
+		return err
+	}
+	type group struct {
+		f   intercept.Family
+		loc location
+	}
+	var order []group
+	byGroup := map[group][]step{}
+	for _, s := range steps {
+		g := group{s.Family, s.Loc}
+		if _, ok := byGroup[g]; !ok {
+			order = append(order, g)
+		}
+		byGroup[g] = append(byGroup[g], s)
+	}
+	errs := make([]error, len(order))
+	var wg sync.WaitGroup
+	for i, g := range order {
+		wg.Go(func() {
+			group := byGroup[g]
+			slices.SortStableFunc(group, func(a, b step) int { return cmp.Compare(a.Role, b.Role) })
+			for _, s := range group {
+				switch _, cerr := b.exec(s.Delete); {
+				case cerr == nil:
+					b.logf("compat: %s", strings.Join(s.Delete, " "))
+				case !absent(cerr) && !unavailable(cerr):
+					errs[i] = cerr
+				}
+			}
+		})
+	}
+	wg.Wait()
 	return errors.Join(errs...)
 }
 
@@ -251,27 +316,47 @@ func (b *Backend) Close() error { return nil }
 const maxDeletes = 64
 
 // removeOurs deletes our rules of family f (only those of role *only, if
-// set) and then checks that none is left. A table the kernel does not
-// provide cannot hold our rules and counts as clean.
-func (b *Backend) removeOurs(f intercept.Family, only *intercept.Role) error {
+// set; only those of Options.Instance unless anyInstance) and then checks
+// that none is left. A table the kernel does not provide cannot hold our
+// rules and counts as clean.
+func (b *Backend) removeOurs(f intercept.Family, only *intercept.Role, anyInstance bool) error {
 	bin := b.bins.forFamily(f)
-	wanted := func(r ownRule) bool { return only == nil || r.Role == *only }
-	deleted := 0
-	for _, loc := range ourLocations {
-		rules, err := b.list(f, loc)
+	wanted := func(r ownRule) bool {
+		return (only == nil || r.Role == *only) && (anyInstance || b.instance == "" || r.Instance == b.instance)
+	}
+	// The chains are independent; cleaning them concurrently makes the
+	// rules go in the time of one chain's commands.
+	var deleted atomic.Int32
+	errs := make([]error, len(ourLocations))
+	var wg sync.WaitGroup
+	for i, loc := range ourLocations {
+		wg.Go(func() {
+			rules, err := b.list(f, loc)
+			if err != nil {
+				errs[i] = err
+				return
+			}
+			// Intercept rules first: once they are gone, new connections
+			// reach the web server.
+			slices.SortStableFunc(rules, func(a, b ownRule) int { return cmp.Compare(a.Role, b.Role) })
+			for _, r := range rules {
+				if !wanted(r) {
+					continue
+				}
+				// Another instance may have deleted it meanwhile: absent is fine.
+				if _, cerr := b.exec(r.deleteArgv(bin)); cerr != nil && !absent(cerr) {
+					errs[i] = cerr
+					return
+				}
+				deleted.Add(1)
+				b.logf("compat: removed %s -t %s %s", bin, loc.Table, r.Line)
+			}
+		})
+	}
+	wg.Wait()
+	for _, err := range errs { // the first: they often share one cause
 		if err != nil {
 			return err
-		}
-		for _, r := range rules {
-			if !wanted(r) {
-				continue
-			}
-			// Another instance may have deleted it meanwhile: absent is fine.
-			if _, cerr := b.exec(r.deleteArgv(bin)); cerr != nil && !absent(cerr) {
-				return cerr
-			}
-			deleted++
-			b.logf("compat: removed %s -t %s %s", bin, loc.Table, r.Line)
 		}
 	}
 	if b.specUncommented() && (only == nil || *only == intercept.RoleIntercept) {
@@ -290,7 +375,7 @@ func (b *Backend) removeOurs(f intercept.Family, only *intercept.Role) error {
 			b.logf("compat: %s", strings.Join(del, " "))
 		}
 	}
-	if deleted == 0 {
+	if deleted.Load() == 0 {
 		return nil
 	}
 	// A line that -S prints but -D does not accept back would otherwise be
@@ -341,8 +426,7 @@ func (b *Backend) exec(argv []string) ([]byte, *CommandError) {
 	ctx, cancel := context.WithTimeout(context.Background(), b.timeout)
 	defer cancel()
 	stdout, stderr, err := b.run.Run(ctx, argv)
-	if strings.Contains(string(stderr), "legacy tables present") && !b.warned {
-		b.warned = true
+	if strings.Contains(string(stderr), "legacy tables present") && !b.warned.Swap(true) {
 		b.logf("compat: %s: %s: rules made by the other iptables variant are invisible here and are not cleaned up", argv[0], strings.TrimSpace(string(stderr)))
 	}
 	if err != nil {

@@ -1,6 +1,7 @@
 package compat
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os/exec"
@@ -433,5 +434,84 @@ func TestExecRunnerBoundsOutput(t *testing.T) {
 	out, _, err = r.Run(t.Context(), []string{"head", "-c", fmt.Sprint(max), "/dev/zero"})
 	if err != nil || len(out) != max {
 		t.Errorf("output of exactly the limit: %d bytes, err %v", len(out), err)
+	}
+}
+
+// A guardian's Remove (Options.Instance) deletes its dead proxy's rules and
+// leaves a newer instance's; a new Install replaces every instance's.
+func TestRemoveOnlyTheInstancesRules(t *testing.T) {
+	fake := newFake()
+	newer := mustBuild(t, intercept.TProxy, 443, 21443, intercept.IPv4, intercept.IPv6)
+	newer.Instance = "bbbb"
+	old := mustBuild(t, intercept.Redirect, 443, 21443, intercept.IPv4)
+	old.Instance = "aaaa"
+	if err := newTestBackend(t, fake, "").Install(newer); err != nil {
+		t.Fatal(err)
+	}
+	want := fake.ours()
+	// Rules of the dead instance, as if they had survived its Install.
+	fake.seed("iptables", "nat", "-A PREROUTING -p tcp -m tcp --dport 443 --tcp-flags FIN,SYN,RST,ACK SYN -m addrtype --dst-type LOCAL -m comment --comment acme-alpn-proxy-aaaa -j REDIRECT --to-ports 21443")
+	guardian, err := New(Options{Runner: fake, Instance: "aaaa", Logf: t.Logf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := guardian.Remove(); err != nil {
+		t.Fatal(err)
+	}
+	if n := fake.ours(); n != want {
+		t.Errorf("after the old instance's Remove: %d rules of ours, want the newer instance's %d", n, want)
+	}
+	for _, r := range fake.chain("iptables", "nat", "PREROUTING") {
+		if strings.Contains(r, "acme-alpn-proxy-aaaa") {
+			t.Errorf("old instance's rule left: %s", r)
+		}
+	}
+	if err := newTestBackend(t, fake, "").Install(old); err != nil {
+		t.Fatal(err)
+	}
+	for _, bin := range []string{"iptables", "ip6tables"} {
+		for _, table := range []string{"nat", "mangle"} {
+			for _, r := range fake.chain(bin, table, "PREROUTING") {
+				if strings.Contains(r, "acme-alpn-proxy-bbbb") {
+					t.Errorf("Install left another instance's rule: %s", r)
+				}
+			}
+		}
+	}
+}
+
+// RemoveRuleSet deletes what rs renders and nothing else; rules already
+// gone are fine.
+func TestRemoveRuleSet(t *testing.T) {
+	for _, mode := range []intercept.Mode{intercept.TProxy, intercept.Redirect} {
+		fake := newFake()
+		other := mustBuild(t, mode, 443, 21443, intercept.IPv4)
+		other.Instance = "bbbb"
+		mine := mustBuild(t, mode, 443, 21443, intercept.IPv4, intercept.IPv6)
+		mine.Instance = "aaaa"
+		b := newTestBackend(t, fake, "")
+		if err := b.Install(other); err != nil {
+			t.Fatal(err)
+		}
+		want := fake.ours()
+		// Both sets at once, as no Install would leave them.
+		steps, err := render(mine, "", DefaultBinaries)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, s := range steps {
+			if _, _, err := fake.Run(context.Background(), s.Insert); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := b.RemoveRuleSet(mine); err != nil {
+			t.Fatalf("%s: %v", mode, err)
+		}
+		if n := fake.ours(); n != want {
+			t.Errorf("%s: %d rules of ours left, want the other instance's %d", mode, n, want)
+		}
+		if err := b.RemoveRuleSet(mine); err != nil {
+			t.Errorf("%s: second RemoveRuleSet: %v", mode, err)
+		}
 	}
 }

@@ -8,7 +8,8 @@ import (
 	"github.com/acme-alpn-proxy/acme-alpn-proxy/pkg/intercept"
 )
 
-// Comment marks every rule we own. It contains only characters iptables
+// Comment marks every rule we own; a rule set with an instance id uses
+// intercept.Tag(id) ("acme-alpn-proxy-ID") instead. Both contain only characters iptables
 // never quotes, so `-S` prints it verbatim and the rule is found by token.
 const Comment = intercept.TableName
 
@@ -102,7 +103,7 @@ func render(rs intercept.RuleSet, ruleSpec string, bins Binaries) ([]step, error
 				return nil, err
 			}
 			for _, r := range c.Rules {
-				ruleArgs, err := ruleArgv(loc, r)
+				ruleArgs, err := ruleArgv(loc, r, intercept.Tag(rs.Instance))
 				if err != nil {
 					return nil, fmt.Errorf("compat: chain %s: %w", c.Name, err)
 				}
@@ -147,7 +148,7 @@ func chainLocation(c intercept.Chain) (location, error) {
 // ruleArgv renders the match and target part of one rule, in the order
 // `iptables -S` prints it (matches, comment, target).
 // LocalOnly (nft `fib daddr type local`) is `-m addrtype --dst-type LOCAL`.
-func ruleArgv(loc location, r intercept.Rule) ([]string, error) {
+func ruleArgv(loc location, r intercept.Rule, comment string) ([]string, error) {
 	if r.DPort == 0 {
 		return nil, fmt.Errorf("rule without destination port")
 	}
@@ -167,7 +168,7 @@ func ruleArgv(loc location, r intercept.Rule) ([]string, error) {
 	if r.NotDNAT {
 		a = append(a, "-m", "conntrack", "!", "--ctstate", "DNAT")
 	}
-	a = append(a, "-m", "comment", "--comment", Comment)
+	a = append(a, "-m", "comment", "--comment", comment)
 	switch r.Action {
 	case intercept.ActionRedirect:
 		if loc.Table != "nat" || r.ToPort == 0 {
@@ -211,14 +212,24 @@ func parseRuleSpec(s string) ([]string, error) {
 	return f, nil
 }
 
-// hasOurComment reports whether rule tokens carry exactly our comment.
+// hasOurComment reports whether rule tokens carry exactly our comment,
+// with or without an instance id.
 func hasOurComment(tokens []string) bool {
+	_, ok := instanceOf(tokens)
+	return ok
+}
+
+// instanceOf returns the instance id in our comment ("" if untagged).
+func instanceOf(tokens []string) (string, bool) {
 	for i := 0; i+1 < len(tokens); i++ {
-		if tokens[i] == "--comment" && tokens[i+1] == Comment {
-			return true
+		if tokens[i] != "--comment" {
+			continue
+		}
+		if id, ok := intercept.ParseTag(tokens[i+1]); ok && tokens[i+1] == intercept.Tag(id) {
+			return id, true
 		}
 	}
-	return false
+	return "", false
 }
 
 // roleOf classifies one of our rules by its target: DROP is the guard,
@@ -241,6 +252,8 @@ type ownRule struct {
 	Line   string   // as printed, e.g. "-A PREROUTING -p tcp ..."
 	Tokens []string // after "-A CHAIN", unquoted
 	Role   intercept.Role
+	// Instance is the id in the comment; "" for an untagged rule.
+	Instance string
 }
 
 // parseOwnRules returns the rules of chain loc.Chain in `-S` output that
@@ -258,10 +271,11 @@ func parseOwnRules(loc location, out string) []ownRule {
 			continue
 		}
 		rest := tok[2:]
-		if !hasOurComment(rest) {
+		id, ours := instanceOf(rest)
+		if !ours {
 			continue
 		}
-		rules = append(rules, ownRule{Loc: loc, Line: line, Tokens: rest, Role: roleOf(rest)})
+		rules = append(rules, ownRule{Loc: loc, Line: line, Tokens: rest, Role: roleOf(rest), Instance: id})
 	}
 	return rules
 }

@@ -172,6 +172,7 @@ type RuleSet struct {
 	Mode       Mode
 	Port       uint16
 	ListenPort uint16
+	Instance   string // see Config.Instance
 	Tables     []Table
 }
 
@@ -181,6 +182,51 @@ type Config struct {
 	Port       uint16 // the web server's port, usually 443
 	ListenPort uint16 // the proxy's listener port, usually 21443
 	Families   []Family
+	// Instance, if set, ties the rules to one run of the proxy: every
+	// comment starts with Tag(Instance) instead of TableName, so a
+	// guardian removing a dead instance's rules can tell them from a newer
+	// instance's. Lower-case hex, at most MaxInstanceLen characters.
+	Instance string
+}
+
+// MaxInstanceLen bounds an instance id (iptables comments hold 255 bytes).
+const MaxInstanceLen = 32
+
+// Tag is the comment prefix of an instance's rules: TableName, or
+// TableName + "-" + instance. Only letters, digits and '-', so iptables
+// prints it unquoted.
+func Tag(instance string) string {
+	if instance == "" {
+		return TableName
+	}
+	return TableName + "-" + instance
+}
+
+// ParseTag reads a comment of ours ("acme-alpn-proxy", "acme-alpn-proxy-ID"
+// or either followed by ": text") and returns the instance id, "" for an
+// untagged rule; ok is false for a comment that is not ours.
+func ParseTag(comment string) (instance string, ok bool) {
+	tag, _, _ := strings.Cut(comment, ":")
+	if tag == TableName {
+		return "", true
+	}
+	id, found := strings.CutPrefix(tag, TableName+"-")
+	if !found || validInstance(id) != nil || id == "" {
+		return "", false
+	}
+	return id, true
+}
+
+func validInstance(id string) error {
+	if len(id) > MaxInstanceLen {
+		return fmt.Errorf("intercept: instance id longer than %d characters", MaxInstanceLen)
+	}
+	for _, c := range id {
+		if (c < '0' || c > '9') && (c < 'a' || c > 'f') {
+			return fmt.Errorf("intercept: instance id %q: want lower-case hex", id)
+		}
+	}
+	return nil
 }
 
 // Build returns the rule set for cfg.
@@ -211,6 +257,9 @@ func Build(cfg Config) (RuleSet, error) {
 	}
 	if len(cfg.Families) == 0 {
 		return RuleSet{}, fmt.Errorf("intercept: no address family to intercept")
+	}
+	if err := validInstance(cfg.Instance); err != nil {
+		return RuleSet{}, err
 	}
 	var chains []Chain
 	switch cfg.Mode {
@@ -253,7 +302,8 @@ func Build(cfg Config) (RuleSet, error) {
 	default:
 		return RuleSet{}, fmt.Errorf("intercept: unknown mode %q", cfg.Mode)
 	}
-	rs := RuleSet{Mode: cfg.Mode, Port: cfg.Port, ListenPort: cfg.ListenPort}
+	tagRules(chains, cfg.Instance)
+	rs := RuleSet{Mode: cfg.Mode, Port: cfg.Port, ListenPort: cfg.ListenPort, Instance: cfg.Instance}
 	seen := map[Family]bool{}
 	for _, f := range cfg.Families {
 		if f != IPv4 && f != IPv6 {
@@ -266,6 +316,19 @@ func Build(cfg Config) (RuleSet, error) {
 		rs.Tables = append(rs.Tables, Table{Family: f, Name: TableName, Chains: cloneChains(chains)})
 	}
 	return rs, nil
+}
+
+// tagRules puts the instance's Tag in place of TableName at the start of
+// each comment.
+func tagRules(chains []Chain, instance string) {
+	for i := range chains {
+		for j := range chains[i].Rules {
+			r := &chains[i].Rules[j]
+			if rest, ok := strings.CutPrefix(r.Comment, TableName); ok {
+				r.Comment = Tag(instance) + rest
+			}
+		}
+	}
 }
 
 func cloneChains(cs []Chain) []Chain {

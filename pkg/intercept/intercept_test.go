@@ -74,6 +74,7 @@ func TestBuildRejects(t *testing.T) {
 		"zero port":    {Mode: Redirect, ListenPort: 21443, Families: []Family{IPv4}},
 		"unknown mode": {Mode: "dnat", Port: 443, ListenPort: 21443, Families: []Family{IPv4}},
 		"unknown fam":  {Mode: Redirect, Port: 443, ListenPort: 21443, Families: []Family{5}},
+		"instance id":  {Mode: Redirect, Port: 443, ListenPort: 21443, Families: []Family{IPv4}, Instance: "x y"},
 	} {
 		if _, err := Build(cfg); err == nil {
 			t.Errorf("%s: Build accepted %+v", name, cfg)
@@ -81,5 +82,57 @@ func TestBuildRejects(t *testing.T) {
 	}
 	if _, err := ParseMode("nat"); err == nil {
 		t.Error("ParseMode accepted nat")
+	}
+}
+
+// Every rule of an instance carries its tag, and the tag reads back as the
+// instance: a guardian tells a dead instance's rules from a newer one's.
+func TestBuildTagsInstance(t *testing.T) {
+	for _, mode := range []Mode{Redirect, TProxy} {
+		rs, err := Build(Config{Mode: mode, Port: 443, ListenPort: 21443, Families: []Family{IPv4, IPv6}, Instance: "0a1b2c"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if rs.Instance != "0a1b2c" {
+			t.Errorf("%s: RuleSet.Instance = %q", mode, rs.Instance)
+		}
+		for _, tb := range rs.Tables {
+			for _, c := range tb.Chains {
+				for _, r := range c.Rules {
+					if !strings.HasPrefix(r.Comment, "acme-alpn-proxy-0a1b2c: ") {
+						t.Errorf("%s %s: comment %q lacks the instance tag", mode, c.Name, r.Comment)
+					}
+					if id, ok := ParseTag(r.Comment); !ok || id != "0a1b2c" {
+						t.Errorf("ParseTag(%q) = %q, %v", r.Comment, id, ok)
+					}
+				}
+			}
+		}
+	}
+	untagged, _ := Build(Config{Mode: Redirect, Port: 443, ListenPort: 21443, Families: []Family{IPv4}})
+	if c := untagged.Tables[0].Chains[0].Rules[0].Comment; c != "acme-alpn-proxy: new connections to the proxy" {
+		t.Errorf("untagged comment = %q", c)
+	}
+}
+
+func TestParseTag(t *testing.T) {
+	for in, want := range map[string]struct {
+		id string
+		ok bool
+	}{
+		"acme-alpn-proxy":            {"", true},
+		"acme-alpn-proxy: x":         {"", true},
+		"acme-alpn-proxy-00ff":       {"00ff", true},
+		"acme-alpn-proxy-00ff: text": {"00ff", true},
+		"acme-alpn-proxy-":           {"", false},
+		"acme-alpn-proxy-XYZ":        {"", false},
+		"acme-alpn-proxyx":           {"", false},
+		"docker":                     {"", false},
+		"":                           {"", false},
+	} {
+		id, ok := ParseTag(in)
+		if id != want.id || ok != want.ok {
+			t.Errorf("ParseTag(%q) = %q, %v; want %q, %v", in, id, ok, want.id, want.ok)
+		}
 	}
 }

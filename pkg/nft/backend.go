@@ -29,6 +29,11 @@ type Options struct {
 	// Logf reports decisions the caller should know about (falling back to
 	// plain tables). Nil discards them.
 	Logf func(format string, args ...any)
+	// PlainTables installs plain tables even where the kernel has owner
+	// tables, as on a kernel older than 5.12. For tests of what runs there
+	// (the guardian that removes plain tables after a crash); never needed
+	// in production.
+	PlainTables bool
 }
 
 // Backend owns our nftables tables through one netlink socket.
@@ -63,7 +68,7 @@ func newBackend(c nlConn, opts Options) *Backend {
 	if logf == nil {
 		logf = func(string, ...any) {}
 	}
-	return &Backend{conn: c, logf: logf}
+	return &Backend{conn: c, logf: logf, ownerUnsupported: opts.PlainTables}
 }
 
 // dial opens a NETLINK_NETFILTER socket. It binds the port id to our PID

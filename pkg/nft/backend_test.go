@@ -921,7 +921,7 @@ func TestRemoveStaleLeavesOwnerTables(t *testing.T) {
 			return dumpDone(req, nil)
 		}
 	}
-	removed, err := removeStale(k.conn())
+	removed, err := removeStale(k.conn(), "")
 	if len(removed) != 1 || removed[0] != intercept.IPv4 {
 		t.Errorf("removed %v, want [ip]", removed)
 	}

@@ -61,6 +61,22 @@ func (t TableState) Mode() intercept.Mode {
 // Intercepting reports whether the table takes new connections.
 func (t TableState) Intercepting() bool { return t.Mode() != "" }
 
+// Instance is the instance id the table's rules carry in their comments
+// (intercept.Config.Instance): "" for untagged rules; ok is false if no
+// rule of ours carries a comment of ours, or two carry different ids.
+func (t TableState) Instance() (id string, ok bool) {
+	for _, c := range t.Chains {
+		for _, r := range c.Rules {
+			rid, ours := intercept.ParseTag(r.Rule.Comment)
+			if !r.Known || !ours || (ok && rid != id) {
+				return "", false
+			}
+			id, ok = rid, true
+		}
+	}
+	return id, ok
+}
+
 // ChainState is one base chain of our table.
 type ChainState struct {
 	Name     string
@@ -610,16 +626,20 @@ func probe(c nlConn) error {
 // without owner tables leaves behind if it was killed. Owner tables belong
 // to a live process and are left alone: the error then wraps
 // ErrOwnedByAnother. It returns the families whose table it deleted.
-func RemoveStale() ([]intercept.Family, error) {
+//
+// A non-empty instance deletes only tables whose rules all carry that
+// instance's tag (intercept.Config.Instance): a guardian removing its dead
+// proxy's tables leaves a newer instance's alone.
+func RemoveStale(instance string) ([]intercept.Family, error) {
 	c, err := dial()
 	if err != nil {
 		return nil, err
 	}
 	defer c.Close()
-	return removeStale(c)
+	return removeStale(c, instance)
 }
 
-func removeStale(c nlConn) ([]intercept.Family, error) {
+func removeStale(c nlConn, instance string) ([]intercept.Family, error) {
 	s, err := inspect(c)
 	if err != nil {
 		return nil, err
@@ -627,8 +647,10 @@ func removeStale(c nlConn) ([]intercept.Family, error) {
 	var removed []intercept.Family
 	var errs []error
 	for _, t := range s.Tables {
+		id, tagged := t.Instance()
 		switch {
 		case !t.Exists:
+		case instance != "" && (!tagged || id != instance):
 		case t.Owner:
 			errs = append(errs, ownedError(t.Family))
 		default:

@@ -179,7 +179,7 @@ func TestRootOwnerTable(t *testing.T) {
 		t.Errorf("second instance: %v", err)
 	}
 	var removed []intercept.Family
-	inNetns(t, ns, func() { removed, err = RemoveStale() })
+	inNetns(t, ns, func() { removed, err = RemoveStale("") })
 	if len(removed) != 0 || !errors.Is(err, ErrOwnedByAnother) {
 		t.Errorf("RemoveStale with a live owner: removed %v, err %v", removed, err)
 	}
@@ -294,7 +294,7 @@ func TestRootRemoveStalePlainTable(t *testing.T) {
 	run(t, ns, "nft", "add", "table", "ip6", intercept.TableName)
 	var removed []intercept.Family
 	var err error
-	inNetns(t, ns, func() { removed, err = RemoveStale() })
+	inNetns(t, ns, func() { removed, err = RemoveStale("") })
 	if err != nil || len(removed) != 1 || removed[0] != intercept.IPv6 {
 		t.Errorf("RemoveStale: removed %v, err %v; want [ip6]", removed, err)
 	}
@@ -382,4 +382,51 @@ func holdTables() {
 	time.Sleep(time.Minute)
 	b.Close()
 	os.Exit(1)
+}
+
+// PlainTables (the test switch for kernels < 5.12) installs a plain table
+// that outlives its socket; RemoveStale with an instance id removes only
+// that instance's table, so a guardian never takes a newer instance's.
+func TestRootPlainTablesAndInstanceRemoval(t *testing.T) {
+	ns := newNetns(t)
+	var b *Backend
+	inNetns(t, ns, func() {
+		var err error
+		if b, err = Open(Options{PlainTables: true}); err != nil {
+			t.Fatal(err)
+		}
+	})
+	rs, err := intercept.Build(intercept.Config{Mode: intercept.Redirect, Port: 443, ListenPort: 21443,
+		Families: []intercept.Family{intercept.IPv4, intercept.IPv6}, Instance: "00aa"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Install(rs); err != nil {
+		t.Fatal(err)
+	}
+	if b.Owner() {
+		t.Error("Owner() with PlainTables")
+	}
+	b.Close()
+	s := inspectIn(t, ns)
+	for _, tb := range s.Tables {
+		if !tb.Exists || tb.Owner {
+			t.Fatalf("after Close: table %s exists %v owner %v; want a plain table left", tb.Family, tb.Exists, tb.Owner)
+		}
+		if id, ok := tb.Instance(); !ok || id != "00aa" {
+			t.Errorf("table %s: Instance() = %q, %v; want 00aa", tb.Family, id, ok)
+		}
+	}
+	var removed []intercept.Family
+	inNetns(t, ns, func() { removed, err = RemoveStale("00bb") })
+	if err != nil || len(removed) != 0 || !inspectIn(t, ns).Installed() {
+		t.Errorf("RemoveStale of another instance: removed %v, err %v", removed, err)
+	}
+	inNetns(t, ns, func() { removed, err = RemoveStale("00aa") })
+	if err != nil || len(removed) != 2 {
+		t.Errorf("RemoveStale(00aa): removed %v, err %v; want both tables", removed, err)
+	}
+	if inspectIn(t, ns).Installed() {
+		t.Error("tables left after RemoveStale of their instance")
+	}
 }
