@@ -306,17 +306,15 @@ func guardianMain(args []string, stderr io.Writer) int {
 	// first. SIGKILL still does.
 	signal.Ignore(syscall.SIGHUP, syscall.SIGPIPE, syscall.SIGINT, syscall.SIGTERM)
 
-	var w io.Writer = stderr
-	if a.logPath != "-" {
-		f, err := os.OpenFile(a.logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o640)
-		if err != nil {
-			fmt.Fprintf(stderr, "acme-alpn-proxy guardian: log file: %v\n", err)
-			return exitFailure
-		}
-		defer f.Close()
-		w = f
+	// The proxy's log, in the same form: the journal's priorities under
+	// systemd, where the guardian shares the proxy's stderr.
+	base, logFile, err := openLog(config{logPath: a.logPath}, stderr, false)
+	if err != nil {
+		fmt.Fprintf(stderr, "acme-alpn-proxy guardian: %v\n", err)
+		return exitFailure
 	}
-	log := slog.New(slog.NewTextHandler(w, nil)).With("guardian", os.Getpid(), "instance", a.instance)
+	defer logFile.Close()
+	log := base.With("guardian", os.Getpid(), "instance", a.instance)
 	if err := os.WriteFile("/proc/self/oom_score_adj", []byte(strconv.Itoa(guardianOOMScoreAdj)), 0); err != nil {
 		log.Warn("cannot lower own oom_score_adj; the OOM killer may pick the guardian", "err", err)
 	}
