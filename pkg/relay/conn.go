@@ -25,6 +25,11 @@ type Conn struct {
 
 	Route   string         // Route's name for its choice; "" if never routed
 	Backend netip.AddrPort // Route's choice
+	// Dial is how to connect to Backend; Route may set it.
+	Dial DialOptions
+	// FromClient: the backend was dialed from Dial.Source (the client's
+	// address). False after a per-connection fallback to a plain dial.
+	FromClient bool
 
 	Up, Down int64 // bytes relayed client → backend (hello included) and back
 	Duration time.Duration
@@ -208,7 +213,7 @@ func (c *Conn) route() {
 		return
 	}
 
-	fd, err := rawSocket(family(c.Backend))
+	fd, err := c.backendSocket()
 	if err != nil {
 		c.end(EndDialFailed, err, false)
 		return
