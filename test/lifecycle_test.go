@@ -313,7 +313,7 @@ func signalAndRequireBypass(t *testing.T, s *Site, p *Proxy, sig syscall.Signal)
 	var last Answer
 	if !eventually(5*time.Second, func() bool {
 		last = s.Cli.MustRequest(t, s.ServerAddr(IPv4, 443), []string{ACMEALPN})
-		return last.Server == "web" && last.Peer.Addr() == s.ClientAddr(IPv4)
+		return last.Server == "web" && last.Peer == last.Local
 	}) {
 		t.Fatalf("5 s after %v new connections still reach the proxy (%s saw %s)", sig, last.Server, last.Peer)
 	}

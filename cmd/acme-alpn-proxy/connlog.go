@@ -45,6 +45,7 @@ type connLine struct {
 	dur             time.Duration
 	hello           sniff.Kind
 	err             error
+	fromClient      bool
 }
 
 func newConnLog(log *slog.Logger) *connLog {
@@ -59,6 +60,7 @@ func (q *connLog) add(c *relay.Conn) {
 	line := connLine{
 		client: c.Client, backend: c.Backend, sni: c.ServerName, route: c.Route, end: c.End,
 		up: c.Up, down: c.Down, dur: c.Duration, hello: c.Hello, err: c.Err,
+		fromClient: c.FromClient,
 	}
 	if len(c.ALPN) > 0 {
 		line.alpn = strings.Join(c.ALPN, ",")
@@ -121,6 +123,7 @@ func (l *connLine) write(log *slog.Logger) {
 		slog.String("alpn", l.alpn),
 		slog.String("route", route),
 		slog.String("backend", backendName(l.backend)),
+		slog.String("source", l.sourceName()),
 		slog.Int64("up", l.up),
 		slog.Int64("down", l.down),
 		slog.Duration("dur", l.dur),
@@ -132,6 +135,14 @@ func (l *connLine) write(log *slog.Logger) {
 		attrs = append(attrs, slog.String("err", l.err.Error()))
 	}
 	log.LogAttrs(context.Background(), level, "conn", attrs...)
+}
+
+// sourceName says which address the backend saw the connection from.
+func (l *connLine) sourceName() string {
+	if l.fromClient {
+		return string(sourceClient)
+	}
+	return string(sourceHost)
 }
 
 func backendName(a netip.AddrPort) string {

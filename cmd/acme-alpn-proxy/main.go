@@ -53,6 +53,9 @@ type config struct {
 	cpuProfile    string
 	disableV6     bool
 	ruleSpec      string
+	source        sourceMode // -fallback-source
+	returnMark    uint32
+	returnTable   uint32
 }
 
 func main() {
@@ -133,6 +136,10 @@ func parseArgs(args []string, stderr io.Writer) (cfg config, cmd string, rest []
 	fs.BoolVar(&cfg.skipPreflight, "skip-preflight", false, "do not check that the web server listens before intercepting")
 	fs.StringVar(&cfg.cpuProfile, "cpuprofile", "", "write a CPU profile (pprof) from ready until stop to `path`")
 	fs.BoolVar(&cfg.daemon, "d", false, "with start: run in the background, return once ready")
+	source := fs.String("fallback-source", string(sourceClient), "address the web server sees connections from: client (the client's own,\n"+
+		"where the return path works; else host, with a log line saying why) or host (this host's)")
+	mark := fs.String("return-mark", fmt.Sprintf("%#x", defaultReturnMark), returnMarkFlagUsage)
+	table := fs.Uint("return-table", defaultReturnTable, returnTableFlagUsage)
 
 	if err = fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -197,6 +204,16 @@ func parseArgs(args []string, stderr io.Writer) (cfg config, cmd string, rest []
 	default:
 		return cfg, "", nil, fmt.Errorf("-mode %q: want auto, tproxy or redirect", cfg.mode)
 	}
+	if cfg.source, err = parseSourceMode(*source); err != nil {
+		return cfg, "", nil, err
+	}
+	if cfg.returnMark, err = parseMark(*mark); err != nil {
+		return cfg, "", nil, err
+	}
+	if *table == 0 || *table > 0xffffffff || *table >= 253 && *table <= 255 {
+		return cfg, "", nil, fmt.Errorf("-return-table %d: want 1-4294967295 other than 253-255 (the kernel's own tables)", *table)
+	}
+	cfg.returnTable = uint32(*table)
 	cfg.disableV6 = envYes(os.Getenv("ACME_ALPN_PROXY_DISABLEV6"))
 	cfg.ruleSpec = strings.TrimSpace(os.Getenv("ACME_ALPN_PROXY_RULESPEC"))
 	if cfg.ruleSpec != "" {

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/acme-alpn-proxy/acme-alpn-proxy/pkg/relay"
@@ -21,6 +22,10 @@ type proxy struct {
 	listenPort uint16
 	engine     *relay.Engine
 	conns      *connLog
+	// dialMark, when not 0, makes web-server connections dial from the
+	// client's address with this mark (-fallback-source client, return
+	// path proved); 0 dials from this host's. Set before interception.
+	dialMark atomic.Uint32
 
 	warnMu   sync.Mutex
 	lastWarn time.Time
@@ -111,10 +116,25 @@ func (p *proxy) route(c *relay.Conn) (netip.AddrPort, string) {
 	if c.OffersACME() {
 		return p.alpn, "acme"
 	}
+	if m := p.dialMark.Load(); m != 0 {
+		c.Dial = relay.DialOptions{Source: c.Client.Addr(), Mark: m}
+	}
 	if p.fallback.IsValid() {
 		return p.fallback, "fallback"
 	}
 	return p.originalDst(c), "fallback"
+}
+
+// dialFromClient makes web-server connections dial from the client's
+// address with mark (0: from this host's).
+func (p *proxy) dialFromClient(mark uint32) { p.dialMark.Store(mark) }
+
+// sourceName is -fallback-source as in effect: client or host.
+func (p *proxy) sourceName() string {
+	if p.dialMark.Load() != 0 {
+		return string(sourceClient)
+	}
+	return string(sourceHost)
 }
 
 // originalDst is where the client meant to connect, on the web server's

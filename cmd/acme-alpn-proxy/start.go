@@ -27,6 +27,7 @@ type instance struct {
 	ic          interceptor // nil with -no-redirect
 	backendName string
 	rs          intercept.RuleSet
+	routes      bool // our policy routing is installed (setupReturnPath)
 }
 
 // startForeground runs the proxy until SIGINT or SIGTERM.
@@ -171,14 +172,16 @@ func startInstance(cfg config, log *slog.Logger, lock *pidLock) (in *instance, e
 		log.Info("deleted conntrack entries a killed instance left", "count", n)
 	}
 	ctBefore := readConntrackTable()
-	if in.rs, err = install(in.ic, cfg, families, log); err != nil {
+	mark := in.setupReturnPath(families, fallback)
+	in.p.dialFromClient(mark)
+	if in.rs, err = install(in.ic, cfg, families, mark, log); err != nil {
 		return in, err
 	}
 	warnIfConntrackTurnedOn(log, ctBefore)
 	if err := in.lock.write(instanceState{pid: os.Getpid(), backend: in.backendName, mode: string(in.rs.Mode)}); err != nil {
 		return in, fmt.Errorf("pid file: %w", err)
 	}
-	log.Info("ready", "backend", in.backendName, "mode", in.rs.Mode, "port", cfg.port, "listen", in.ls.String(), "families", fmt.Sprint(families))
+	log.Info("ready", "backend", in.backendName, "mode", in.rs.Mode, "source", in.p.sourceName(), "port", cfg.port, "listen", in.ls.String(), "families", fmt.Sprint(families))
 	return in, nil
 }
 
@@ -272,6 +275,9 @@ func (in *instance) teardown() {
 			in.log.Error("removing rules failed", "err", err)
 		}
 		in.ic.Close()
+		if err := in.removeRoutes(); err != nil {
+			in.log.Error("removing policy routing failed", "err", err)
+		}
 		if in.rs.Mode == intercept.Redirect {
 			// Entries of redirected connections outlive us; a new connection
 			// reusing a 4-tuple would be sent to a listener that is gone.
