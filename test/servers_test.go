@@ -489,18 +489,18 @@ type Load struct {
 
 // LoadReport is what a load run saw.
 type LoadReport struct {
-	Requests   int
-	Failures   int
-	Reasons    []string           // the first failures, with time and target
-	ByPeer     map[netip.Addr]int // successful requests by the peer the server saw
+	Requests int
+	Failures int
+	Reasons  []string           // the first failures, with time and target
+	ByPeer   map[netip.Addr]int // successful requests by the peer the server saw
 	// Proxied and Direct count successful requests by the client's
 	// address: through the proxy (the server saw another socket than the
 	// client's) or straight to the server.
 	Proxied, Direct map[netip.Addr]int
-	Slow       int                // successful requests that took over 1 s (a lost SYN costs 1 s)
-	MaxLatency time.Duration      // of successful requests
-	Duration   time.Duration      // from start to stop
-	ByTarget   map[string]int     // successful requests per target
+	Slow            int            // successful requests that took over 1 s (a lost SYN costs 1 s)
+	MaxLatency      time.Duration  // of successful requests
+	Duration        time.Duration  // from start to stop
+	ByTarget        map[string]int // successful requests per target
 }
 
 // maxLoadInflight bounds concurrent requests; reaching it is a failure
