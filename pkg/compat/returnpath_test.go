@@ -32,13 +32,25 @@ func TestArgsReturnPath(t *testing.T) {
 		"iptables -w 30 -t mangle -I OUTPUT 1 -m mark --mark 0x1000/0x1000 -m comment --comment acme-alpn-proxy -j CONNMARK --or-mark 0x1000",
 		"iptables -w 30 -t mangle -I OUTPUT 2 -m mark --mark 0x1000/0x1000 -m comment --comment acme-alpn-proxy -j MARK --and-mark 0xffffefff",
 		"iptables -w 30 -t mangle -I OUTPUT 3 -m conntrack --ctdir REPLY -m connmark --mark 0x1000/0x1000 -m comment --comment acme-alpn-proxy -j MARK --or-mark 0x1000",
-		// After the guard and tproxy rules of the same iptables chain.
-		"iptables -w 30 -t mangle -I PREROUTING 3 -m conntrack --ctdir REPLY -m connmark --mark 0x1000/0x1000 -m comment --comment acme-alpn-proxy -j MARK --or-mark 0x1000",
+		// Before the interception: the return path must be there first.
+		"iptables -w 30 -t mangle -I PREROUTING 1 -m conntrack --ctdir REPLY -m connmark --mark 0x1000/0x1000 -m comment --comment acme-alpn-proxy -j MARK --or-mark 0x1000",
 	}
 	for _, w := range want {
 		if !slices.Contains(got, w) {
 			t.Errorf("install lacks\n\t%s\nin\n%s", w, strings.Join(got, "\n"))
 		}
+	}
+	// Rule by rule, the return path goes in before anything intercepts.
+	firstIntercept, lastReturn := len(got), -1
+	for i, g := range got {
+		if strings.Contains(g, "MARK") {
+			lastReturn = i
+		} else if strings.Contains(g, "TPROXY") || strings.Contains(g, "-j ACCEPT") {
+			firstIntercept = min(firstIntercept, i)
+		}
+	}
+	if lastReturn > firstIntercept {
+		t.Errorf("a return rule comes after an intercept rule:\n%s", strings.Join(got, "\n"))
 	}
 	if len(install) != 3+4 || len(remove) != len(install) {
 		t.Errorf("%d install and %d remove commands, want 7 each", len(install), len(remove))

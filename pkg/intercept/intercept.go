@@ -360,7 +360,10 @@ func Build(cfg Config) (RuleSet, error) {
 		return RuleSet{}, fmt.Errorf("intercept: unknown mode %q", cfg.Mode)
 	}
 	if cfg.ReturnMark != 0 {
-		chains = append(chains, returnChains(cfg.ReturnMark)...)
+		// First: a backend that installs rule by rule (iptables) must have
+		// the return path before it intercepts, or the first dials from a
+		// client's address lose their SYN-ACK (a retransmit, 1 s later).
+		chains = append(returnChains(cfg.ReturnMark), chains...)
 	}
 	rs := RuleSet{Mode: cfg.Mode, Port: cfg.Port, ListenPort: cfg.ListenPort}
 	seen := map[Family]bool{}

@@ -11,7 +11,7 @@ func TestBuildReturnPath(t *testing.T) {
 		t.Fatal("no return path")
 	}
 	for _, tb := range rs.Tables {
-		out, in := tb.Chains[2], tb.Chains[3]
+		out, in := tb.Chains[0], tb.Chains[1]
 		if out.Type != ChainRoute || out.Hook != HookOutput || out.Priority != PriorityMangle || len(out.Rules) != 3 {
 			t.Errorf("%s: return-out = %+v, want a route chain on output at mangle with save, clear, restore", tb.Family, out)
 		}
@@ -27,7 +27,7 @@ func TestBuildReturnPath(t *testing.T) {
 			}
 		}
 	}
-	if got := rs.Tables[0].Chains[2].Rules[1].String(); got != `meta mark & 0x1000 == 0x1000 meta mark set meta mark & 0xffffefff comment "acme-alpn-proxy: our own packets route normally"` {
+	if got := rs.Tables[0].Chains[0].Rules[1].String(); got != `meta mark & 0x1000 == 0x1000 meta mark set meta mark & 0xffffefff comment "acme-alpn-proxy: our own packets route normally"` {
 		t.Errorf("clear rule = %s", got)
 	}
 	only := rs.ReturnOnly()

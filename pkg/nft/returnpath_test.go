@@ -77,7 +77,7 @@ func TestRootReturnPathListsAsDocumented(t *testing.T) {
 		if ts.Mode() != intercept.TProxy || len(ts.Chains) != 4 {
 			t.Fatalf("%s: mode %q, %d chains", ts.Family, ts.Mode(), len(ts.Chains))
 		}
-		for _, c := range ts.Chains[2:] {
+		for _, c := range ts.Chains[:2] {
 			for _, r := range c.Rules {
 				if !r.Known || r.Rule.Role != intercept.RoleReturn {
 					t.Errorf("chain %s: rule %+v not read back as a return rule", c.Name, r)
