@@ -56,6 +56,11 @@ func (in *instance) setupReturnPath(families []intercept.Family, fallback netip.
 		log.Warn("the web server sees this host's address, not the client's (-fallback-source host behaviour)", attrs...)
 		return 0
 	}
+	if fallback.IsValid() && fallback.Addr().IsLoopback() {
+		// Checked here (kernel 6.x): a reply from 127.0.0.1 to another
+		// address is never routed, so the check below would only time out.
+		return hostMode("-fallback is a loopback address: the kernel does not route its replies to a client's address", nil)
+	}
 	if fallback.IsValid() && !isLocalAddr(fallback.Addr()) {
 		return hostMode("-fallback is on another host: replies to a client's address would bypass the proxy", nil)
 	}
