@@ -161,7 +161,7 @@ func TestHostFirewallTProxy(t *testing.T) {
 
 			r := cycleUnderLoad(t, s, p, rate, cycles)
 			for _, f := range families {
-				if r.ByPeer[s.ServerAddr(f, 0).Addr()] == 0 {
+				if r.Proxied[s.ClientAddr(f)] == 0 {
 					t.Errorf("%v: no request of the load went through the proxy", f)
 				}
 			}

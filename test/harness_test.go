@@ -388,6 +388,13 @@ func NewEnvTagged(t testing.TB, tag string) *Env {
 		side.ns.MustExec(t, "ip", "-6", "addr", "add", side.v6.String()+"/64", "dev", "e2v", "nodad")
 		side.ns.MustExec(t, "ip", "link", "set", "e2v", "up")
 	}
+	// The server's default gateway is the client namespace, as a host has
+	// one: the web server's first reply to an address of no connected
+	// network (the proxy's start-time check dials from 192.0.2.1) needs a
+	// route before our mark sends it back to the proxy. The client
+	// namespace forwards nothing, so no packet leaves the two namespaces.
+	e.Srv.MustExec(t, "ip", "route", "add", "default", "via", e.CliV4.String())
+	e.Srv.MustExec(t, "ip", "-6", "route", "add", "default", "via", e.CliV6.String())
 	return e
 }
 

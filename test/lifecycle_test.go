@@ -271,6 +271,10 @@ func TestSecondSignalForcesExit(t *testing.T) {
 		if err := sess.Echo("during the drain"); err != nil {
 			t.Fatalf("in-flight connection broke after the first SIGINT: %v", err)
 		}
+		// Removed for IPv4 is not yet for IPv6 (iptables runs per family).
+		if !eventually(10*time.Second, func() bool { return strings.Contains(p.RunLog(), "interception removed") }) {
+			t.Fatal("no \"interception removed\" in the log 10 s after SIGINT")
+		}
 		if code := p.Status(); code == 0 {
 			t.Error("status exit 0 while draining with the interception removed")
 		}
@@ -318,7 +322,7 @@ func signalAndRequireBypass(t *testing.T, s *Site, p *Proxy, sig syscall.Signal)
 	var last Answer
 	if !eventually(5*time.Second, func() bool {
 		last = s.Cli.MustRequest(t, s.ServerAddr(IPv4, 443), []string{ACMEALPN})
-		return last.Server == "web" && last.Peer.Addr() == s.ClientAddr(IPv4)
+		return last.Server == "web" && last.Peer == last.Local
 	}) {
 		t.Fatalf("5 s after %v new connections still reach the proxy (%s saw %s)", sig, last.Server, last.Peer)
 	}

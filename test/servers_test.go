@@ -233,6 +233,11 @@ type Answer struct {
 	Server string         // "web", "acme", "raw"
 	ALPN   string         // negotiated by the server, "" for none
 	Peer   netip.AddrPort // the client address the server saw
+	// Local is the client socket's own address. The web server sees
+	// exactly it only on a direct connection: through the proxy it sees
+	// the client's address on another port (-fallback-source client) or
+	// this host's address.
+	Local netip.AddrPort
 }
 
 func parseGreeting(line string) (Answer, error) {
@@ -271,6 +276,7 @@ func Greet(conn net.Conn, limit time.Duration) (*Session, error) {
 	if err != nil {
 		return nil, err
 	}
+	a.Local = addrPortOf(conn.LocalAddr())
 	return &Session{Conn: conn, Answer: a, r: r}, nil
 }
 
@@ -483,14 +489,18 @@ type Load struct {
 
 // LoadReport is what a load run saw.
 type LoadReport struct {
-	Requests   int
-	Failures   int
-	Reasons    []string           // the first failures, with time and target
-	ByPeer     map[netip.Addr]int // successful requests by the peer the server saw
-	Slow       int                // successful requests that took over 1 s (a lost SYN costs 1 s)
-	MaxLatency time.Duration      // of successful requests
-	Duration   time.Duration      // from start to stop
-	ByTarget   map[string]int     // successful requests per target
+	Requests int
+	Failures int
+	Reasons  []string           // the first failures, with time and target
+	ByPeer   map[netip.Addr]int // successful requests by the peer the server saw
+	// Proxied and Direct count successful requests by the client's
+	// address: through the proxy (the server saw another socket than the
+	// client's) or straight to the server.
+	Proxied, Direct map[netip.Addr]int
+	Slow            int            // successful requests that took over 1 s (a lost SYN costs 1 s)
+	MaxLatency      time.Duration  // of successful requests
+	Duration        time.Duration  // from start to stop
+	ByTarget        map[string]int // successful requests per target
 }
 
 // maxLoadInflight bounds concurrent requests; reaching it is a failure
@@ -508,7 +518,8 @@ func StartLoad(t testing.TB, ns *Netns, rate int, want string, targets ...LoadTa
 		stop: make(chan struct{}), finished: make(chan struct{}),
 		started:    time.Now(),
 		maxReasons: 20,
-		report:     LoadReport{ByPeer: map[netip.Addr]int{}, ByTarget: map[string]int{}},
+		report: LoadReport{ByPeer: map[netip.Addr]int{}, ByTarget: map[string]int{},
+			Proxied: map[netip.Addr]int{}, Direct: map[netip.Addr]int{}},
 	}
 	go l.loop(time.Second / time.Duration(rate))
 	t.Cleanup(func() { l.Stop() })
@@ -569,6 +580,11 @@ func (l *Load) record(target LoadTarget, begin time.Time, took time.Duration, a 
 		return
 	}
 	l.report.ByPeer[a.Peer.Addr()]++
+	if a.Peer == a.Local {
+		l.report.Direct[a.Local.Addr()]++
+	} else {
+		l.report.Proxied[a.Local.Addr()]++
+	}
 	l.report.ByTarget[target.String()]++
 	if took > time.Second {
 		l.report.Slow++
@@ -592,6 +608,7 @@ func (l *Load) Stop() LoadReport {
 	}
 	r := l.report
 	r.ByPeer = maps.Clone(l.report.ByPeer)
+	r.Proxied, r.Direct = maps.Clone(l.report.Proxied), maps.Clone(l.report.Direct)
 	r.ByTarget = maps.Clone(l.report.ByTarget)
 	r.Reasons = slices.Clone(l.report.Reasons)
 	return r

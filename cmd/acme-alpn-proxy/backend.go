@@ -65,7 +65,8 @@ func chooseBackend(cfg config, log *slog.Logger) (interceptor, string, error) {
 
 // install installs the rule set for the requested mode. auto tries tproxy
 // and falls back to redirect when the kernel or iptables lacks TPROXY.
-func install(ic interceptor, cfg config, families []intercept.Family, instance string, log *slog.Logger) (intercept.RuleSet, error) {
+// returnMark, when not 0, adds the return path (setupReturnPath proved it).
+func install(ic interceptor, cfg config, families []intercept.Family, instance string, returnMark uint32, log *slog.Logger) (intercept.RuleSet, error) {
 	modes := []intercept.Mode{intercept.TProxy, intercept.Redirect}
 	switch {
 	case cfg.mode == "redirect" || cfg.ruleSpec != "":
@@ -75,7 +76,7 @@ func install(ic interceptor, cfg config, families []intercept.Family, instance s
 	}
 	var lastErr error
 	for _, mode := range modes {
-		rs, err := intercept.Build(intercept.Config{Mode: mode, Port: cfg.port, ListenPort: cfg.listenPort, Families: families, Instance: instance})
+		rs, err := intercept.Build(intercept.Config{Mode: mode, Port: cfg.port, ListenPort: cfg.listenPort, Families: families, ReturnMark: returnMark, Instance: instance})
 		if err != nil {
 			return rs, err
 		}

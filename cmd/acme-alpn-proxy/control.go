@@ -15,6 +15,7 @@ import (
 	"github.com/acme-alpn-proxy/acme-alpn-proxy/pkg/compat"
 	"github.com/acme-alpn-proxy/acme-alpn-proxy/pkg/intercept"
 	"github.com/acme-alpn-proxy/acme-alpn-proxy/pkg/nft"
+	"github.com/acme-alpn-proxy/acme-alpn-proxy/pkg/policyroute"
 )
 
 // stop signals the running instance and waits until it has exited, so a
@@ -28,6 +29,11 @@ func stop(cfg config, stdout, stderr io.Writer) int {
 		return exitFailure
 	}
 	if !running {
+		if es, err := removeStaleRoutes(cfg); err != nil {
+			fmt.Fprintf(stderr, "acme-alpn-proxy: not running; removing stale policy routing failed: %v\n", err)
+		} else if len(es) > 0 {
+			fmt.Fprintf(stdout, "removed policy routing a killed instance left:\n%s", policyroute.Describe(es))
+		}
 		removed, err := removeStale()
 		if err != nil {
 			fmt.Fprintf(stderr, "acme-alpn-proxy: not running; removing stale rules failed: %v\n", err)
@@ -75,6 +81,10 @@ func status(cfg config, stdout, stderr io.Writer) int {
 			fmt.Fprintf(stderr, "acme-alpn-proxy: %v\n", err)
 		}
 		stale := staleRules()
+		if routes := describeRoutes(cfg); routes != "" {
+			// Inert: only our rules set the mark, and they are gone.
+			fmt.Fprintf(stdout, "policy routing a killed instance left (inert; `acme-alpn-proxy stop` or the next start removes it):\n%s", routes)
+		}
 		if stale != "" {
 			fmt.Fprintf(stdout, "not running, but stale rules of ours are installed: %s\n(new connections to port %d are sent to a proxy that is gone: run `acme-alpn-proxy stop` to remove them)\n", stale, cfg.port)
 			return exitStale
@@ -106,6 +116,9 @@ func status(cfg config, stdout, stderr io.Writer) int {
 	}
 	fmt.Fprintf(stdout, "running (pid %d), backend %s, mode %s, interception active for %s\n%s", st.pid, st.backend, st.mode, describeFamilies(families), desc)
 	fmt.Fprint(stdout, describeGuardian(st))
+	if routes := describeRoutes(cfg); routes != "" {
+		fmt.Fprintf(stdout, "  return path (the web server sees clients' addresses):\n%s", strings.ReplaceAll(routes, "  ", "    "))
+	}
 	if ct := readConntrackTable(); ct.loaded {
 		fmt.Fprintf(stdout, "  %v\n", ct)
 	}

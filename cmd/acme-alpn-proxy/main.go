@@ -61,6 +61,8 @@ type config struct {
 	disableV6     bool
 	ruleSpec      string
 	plainTables   bool // test only: nftables without owner tables
+	returnMark    uint32
+	returnTable   uint32
 }
 
 func main() {
@@ -161,8 +163,9 @@ func parseArgs(args []string, stderr io.Writer) (cfg config, cmd string, rest []
 		"(<name>.crt.pem and <name>.key.pem, as dehydrated writes them); excludes -alpn")
 	fs.StringVar(&cfg.fallback, "fallback", "", "web server `host:port` (default: the address the client dialed, port -port;\n"+
 		"note: a loopback fallback makes every client look like localhost to the web server)")
-	source := fs.String("fallback-source", "host", "how the web server learns the client's address: host (it sees this host's),\n"+
-		"proxy-v1 or proxy-v2 (a PROXY protocol header; the web server must expect one)")
+	source := fs.String("fallback-source", "client", "how the web server learns the client's address: client (connections come from\n"+
+		"the client's own address, where the return path works; else host, with a log line saying why),\n"+
+		"host (from this host's), proxy-v1 or proxy-v2 (a PROXY protocol header; the web server must expect one)")
 	alpnHeader := fs.String("alpn-proxy-protocol", "off", "PROXY protocol header to the ACME responder: off, v1 or v2")
 	fs.StringVar(&cfg.listen, "listen", ":21443", "proxy listener `address` (host empty: each family start intercepts)")
 	fs.DurationVar(&cfg.helloTimeout, "hello-timeout", 10*time.Second, "max `time` to receive a whole ClientHello")
@@ -178,6 +181,8 @@ func parseArgs(args []string, stderr io.Writer) (cfg config, cmd string, rest []
 	fs.StringVar(&cfg.cpuProfile, "cpuprofile", "", "write a CPU profile (pprof) from ready until stop to `path`")
 	fs.BoolVar(&cfg.daemon, "d", false, "with start: run in the background, return once ready")
 	showVersion := fs.Bool("version", false, "print the version (as the version command) and exit")
+	mark := fs.String("return-mark", fmt.Sprintf("%#x", defaultReturnMark), returnMarkFlagUsage)
+	table := fs.Uint("return-table", defaultReturnTable, returnTableFlagUsage)
 
 	if err = fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -261,6 +266,13 @@ func parseArgs(args []string, stderr io.Writer) (cfg config, cmd string, rest []
 	default:
 		return cfg, "", nil, fmt.Errorf("-mode %q: want auto, tproxy or redirect", cfg.mode)
 	}
+	if cfg.returnMark, err = parseMark(*mark); err != nil {
+		return cfg, "", nil, err
+	}
+	if *table == 0 || *table > 0xffffffff || *table >= 253 && *table <= 255 {
+		return cfg, "", nil, fmt.Errorf("-return-table %d: want 1-4294967295 other than 253-255 (the kernel's own tables)", *table)
+	}
+	cfg.returnTable = uint32(*table)
 	cfg.disableV6 = envYes(os.Getenv("ACME_ALPN_PROXY_DISABLEV6"))
 	cfg.ruleSpec = strings.TrimSpace(os.Getenv("ACME_ALPN_PROXY_RULESPEC"))
 	cfg.plainTables = envYes(os.Getenv("ACME_ALPN_PROXY_TEST_PLAIN_TABLES"))

@@ -7,6 +7,7 @@ import (
 	"runtime"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/acme-alpn-proxy/acme-alpn-proxy/pkg/alpncert"
@@ -30,6 +31,11 @@ type proxy struct {
 	// PROXY protocol headers; set by sendHeaders before serve.
 	source     fallbackSource
 	alpnHeader proxyproto.Version
+
+	// dialMark, when not 0, makes web-server connections dial from the
+	// client's address with this mark (-fallback-source client, return
+	// path proved); 0 dials from this host's. Set before interception.
+	dialMark atomic.Uint32
 
 	warnMu   sync.Mutex
 	lastWarn time.Time
@@ -135,6 +141,9 @@ func (p *proxy) route(c *relay.Conn) (netip.AddrPort, string) {
 		return netip.AddrPort{}, "acme"
 	case !c.OffersACME():
 		backend, route, header = p.fallback, "fallback", p.source.header()
+		if m := p.dialMark.Load(); m != 0 {
+			c.Dial.Source, c.Dial.Mark = c.Client.Addr(), m
+		}
 	}
 	var dialed netip.AddrPort
 	if header != 0 || !backend.IsValid() {
@@ -149,6 +158,19 @@ func (p *proxy) route(c *relay.Conn) (netip.AddrPort, string) {
 		c.Dial.Header = proxyproto.Append(slices.Grow(c.Dial.Header[:0], proxyproto.MaxLen), header, c.Client, dialed)
 	}
 	return backend, route
+}
+
+// dialFromClient makes web-server connections dial from the client's
+// address with mark (0: from this host's).
+func (p *proxy) dialFromClient(mark uint32) { p.dialMark.Store(mark) }
+
+// sourceInEffect is -fallback-source as in effect: client only where the
+// return path was proved.
+func (p *proxy) sourceInEffect() fallbackSource {
+	if p.source == sourceClient && p.dialMark.Load() == 0 {
+		return sourceHost
+	}
+	return p.source
 }
 
 // dialed is the address and port the client connected to. TPROXY keeps it
@@ -166,10 +188,13 @@ func (p *proxy) dialed(c *relay.Conn) netip.AddrPort {
 }
 
 // sourceName says, for the log, whose address the backend was told the
-// connection comes from: "proxy-v1"/"proxy-v2" when a header named the
-// client, "host" for a fallback connection without one.
+// connection comes from: "client" when dialed from the client's address,
+// "proxy-v1"/"proxy-v2" when a header named the client, "host" for a
+// fallback connection without either.
 func (p *proxy) sourceName(c *relay.Conn) string {
 	switch {
+	case c.FromClient:
+		return sourceClient.String()
 	case len(c.Dial.Header) > 0 && c.Route == "acme":
 		return sourceOf(p.alpnHeader).String()
 	case len(c.Dial.Header) > 0:

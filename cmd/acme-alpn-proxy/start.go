@@ -30,6 +30,7 @@ type instance struct {
 	rs          intercept.RuleSet
 	id          string    // instance id in our rules' comments
 	guard       *guardian // nil if the kernel removes our rules itself
+	routes      bool      // our policy routing is installed (setupReturnPath)
 }
 
 // startForeground runs the proxy until SIGINT or SIGTERM.
@@ -188,7 +189,9 @@ func startInstance(cfg config, log *slog.Logger, lock *pidLock) (in *instance, e
 		return in, err
 	}
 	ctBefore := readConntrackTable()
-	if in.rs, err = install(in.ic, cfg, families, in.id, log); err != nil {
+	mark := in.setupReturnPath(families, fallback)
+	in.p.dialFromClient(mark)
+	if in.rs, err = install(in.ic, cfg, families, in.id, mark, log); err != nil {
 		return in, err
 	}
 	warnIfConntrackTurnedOn(log, ctBefore)
@@ -205,7 +208,7 @@ func startInstance(cfg config, log *slog.Logger, lock *pidLock) (in *instance, e
 	if err := in.lock.write(st); err != nil {
 		return in, fmt.Errorf("pid file: %w", err)
 	}
-	ready := []any{"backend", in.backendName, "mode", in.rs.Mode, "port", cfg.port, "listen", in.ls.String(), "families", familyList(families, ",")}
+	ready := []any{"backend", in.backendName, "mode", in.rs.Mode, "source", in.p.sourceInEffect(), "port", cfg.port, "listen", in.ls.String(), "families", familyList(families, ",")}
 	if len(plan.without) > 0 {
 		ready = append(ready, "not_intercepted", familyList(plan.without, ","))
 	}
@@ -306,6 +309,9 @@ func (in *instance) teardown() {
 			in.guard.dismiss()
 		}
 		in.ic.Close()
+		if err := in.removeRoutes(); err != nil {
+			in.log.Error("removing policy routing failed", "err", err)
+		}
 		if in.rs.Mode == intercept.Redirect {
 			// Entries of redirected connections outlive us; a new connection
 			// reusing a 4-tuple would be sent to a listener that is gone.

@@ -2,6 +2,7 @@ package compat
 
 import (
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -47,6 +48,7 @@ var ourLocations = []location{
 	{"nat", "PREROUTING"},
 	{"mangle", "PREROUTING"},
 	{"filter", "INPUT"},
+	{"mangle", "OUTPUT"},
 }
 
 // step is one rendered rule: the argv that inserts it and the one that
@@ -141,6 +143,9 @@ func chainLocation(c intercept.Chain) (location, error) {
 		return location{"mangle", "PREROUTING"}, nil
 	case c.Type == intercept.ChainFilter && c.Hook == intercept.HookInput:
 		return location{"filter", "INPUT"}, nil
+	case c.Type == intercept.ChainRoute && c.Hook == intercept.HookOutput:
+		// mangle OUTPUT routes a packet again when its mark changes.
+		return location{"mangle", "OUTPUT"}, nil
 	}
 	return location{}, fmt.Errorf("compat: no iptables equivalent for chain %s (type %s hook %s)", c.Name, c.Type, c.Hook)
 }
@@ -149,6 +154,9 @@ func chainLocation(c intercept.Chain) (location, error) {
 // `iptables -S` prints it (matches, comment, target).
 // LocalOnly (nft `fib daddr type local`) is `-m addrtype --dst-type LOCAL`.
 func ruleArgv(loc location, r intercept.Rule, comment string) ([]string, error) {
+	if r.IsMarkRule() {
+		return markArgv(loc, r, comment)
+	}
 	if r.DPort == 0 {
 		return nil, fmt.Errorf("rule without destination port")
 	}
@@ -195,6 +203,25 @@ func ruleArgv(loc location, r intercept.Rule, comment string) ([]string, error) 
 	return a, nil
 }
 
+// markArgv renders the return-path rules with mark, connmark and
+// CONNMARK/MARK, touching only the bits of r.Mark.
+func markArgv(loc location, r intercept.Rule, tag string) ([]string, error) {
+	if loc.Table != "mangle" || r.Mark == 0 {
+		return nil, fmt.Errorf("mark rules need the mangle table and a mark")
+	}
+	m := fmt.Sprintf("%#x", r.Mark)
+	comment := []string{"-m", "comment", "--comment", tag}
+	switch r.Action {
+	case intercept.ActionSaveMark:
+		return slices.Concat([]string{"-m", "mark", "--mark", m + "/" + m}, comment, []string{"-j", "CONNMARK", "--or-mark", m}), nil
+	case intercept.ActionClearMark:
+		return slices.Concat([]string{"-m", "mark", "--mark", m + "/" + m}, comment, []string{"-j", "MARK", "--and-mark", fmt.Sprintf("%#x", ^r.Mark)}), nil
+	default:
+		return slices.Concat([]string{"-m", "conntrack", "--ctdir", "REPLY", "-m", "connmark", "--mark", m + "/" + m}, comment,
+			[]string{"-j", "MARK", "--or-mark", m}), nil
+	}
+}
+
 // parseRuleSpec splits ACME_ALPN_PROXY_RULESPEC on whitespace, as the old
 // shell script's unquoted expansion did (quotes are not interpreted there
 // either). Blank means unset.
@@ -233,12 +260,16 @@ func instanceOf(tokens []string) (string, bool) {
 }
 
 // roleOf classifies one of our rules by its target: DROP is the guard,
-// anything that takes connections (REDIRECT, TPROXY, nat ACCEPT) intercepts.
+// MARK and CONNMARK the return path, anything that takes connections
+// (REDIRECT, TPROXY, nat ACCEPT) intercepts.
 func roleOf(tokens []string) intercept.Role {
 	for i := 0; i+1 < len(tokens); i++ {
 		if tokens[i] == "-j" || tokens[i] == "--jump" {
-			if tokens[i+1] == "DROP" {
+			switch tokens[i+1] {
+			case "DROP":
 				return intercept.RoleGuard
+			case "MARK", "CONNMARK":
+				return intercept.RoleReturn
 			}
 			return intercept.RoleIntercept
 		}

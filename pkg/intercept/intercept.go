@@ -65,6 +65,9 @@ type ChainType string
 const (
 	ChainNAT    ChainType = "nat"
 	ChainFilter ChainType = "filter"
+	// ChainRoute is a filter chain on the output hook whose mark changes
+	// make the kernel route the packet again (iptables: mangle OUTPUT).
+	ChainRoute ChainType = "route"
 )
 
 // Hook is the netfilter hook a base chain is attached to.
@@ -73,6 +76,7 @@ type Hook string
 const (
 	HookPrerouting Hook = "prerouting"
 	HookInput      Hook = "input"
+	HookOutput     Hook = "output"
 )
 
 // Standard netfilter priorities (include/uapi/linux/netfilter_ipv4.h).
@@ -89,11 +93,17 @@ type Role int
 const (
 	RoleIntercept Role = iota
 	RoleGuard
+	// RoleReturn rules carry the return path of connections dialed from
+	// the client's address; like guards they stay until the drain is over.
+	RoleReturn
 )
 
 func (r Role) String() string {
-	if r == RoleGuard {
+	switch r {
+	case RoleGuard:
 		return "guard"
+	case RoleReturn:
+		return "return"
 	}
 	return "intercept"
 }
@@ -113,6 +123,11 @@ const (
 	// the destination non-local, and the kernel drops a forwarded packet
 	// that already has our socket attached.
 	ActionClaimNAT
+	// The return path of connections the proxy dials from the client's
+	// address (see Config.ReturnMark). They match on Rule.Mark, not on ports.
+	ActionSaveMark    // meta mark & M == M: ct mark set ct mark | M
+	ActionClearMark   // meta mark & M == M: meta mark set meta mark & ~M
+	ActionRestoreMark // ct direction reply ct mark & M == M: meta mark set meta mark | M
 )
 
 func (a Action) String() string {
@@ -123,6 +138,12 @@ func (a Action) String() string {
 		return "tproxy"
 	case ActionClaimNAT:
 		return "claim-nat"
+	case ActionSaveMark:
+		return "save-mark"
+	case ActionClearMark:
+		return "clear-mark"
+	case ActionRestoreMark:
+		return "restore-mark"
 	}
 	return "drop"
 }
@@ -148,7 +169,16 @@ type Rule struct {
 	NotDNAT bool
 	Action  Action
 	ToPort  uint16 // for ActionRedirect and ActionTProxy
+	// Mark is the mark bit(s) the mark actions test and set; they touch
+	// no other bit. DPort is 0 for them.
+	Mark    uint32
 	Comment string
+}
+
+// IsMarkRule reports whether r is a return-path rule, which matches on
+// marks instead of ports.
+func (r Rule) IsMarkRule() bool {
+	return r.Action == ActionSaveMark || r.Action == ActionClearMark || r.Action == ActionRestoreMark
 }
 
 // Chain is a base chain of our table.
@@ -187,6 +217,82 @@ type Config struct {
 	// guardian removing a dead instance's rules can tell them from a newer
 	// instance's. Lower-case hex, at most MaxInstanceLen characters.
 	Instance string
+	// ReturnMark, when not 0, adds the return path for connections the
+	// proxy dials from the client's own address with SO_MARK ReturnMark:
+	// the mark is saved on the connection (and cleared from our own
+	// packets, so that a DNAT to a container routes them normally) and
+	// restored on the replies, which policy routing for the mark then
+	// delivers locally. Only the bits of ReturnMark are touched.
+	ReturnMark uint32
+}
+
+// returnChains are the return path for mark m:
+//
+//	chain return-out { type route hook output priority mangle
+//	  meta mark & M == M ct mark set ct mark | M
+//	  meta mark & M == M meta mark set meta mark & ~M
+//	  ct direction reply ct mark & M == M meta mark set meta mark | M }
+//	chain return-in { type filter hook prerouting priority mangle
+//	  ct direction reply ct mark & M == M meta mark set meta mark | M }
+//
+// The output chain restores the mark on replies of a web server on this
+// host (a route chain routes a packet again when its mark changes); the
+// prerouting chain on replies that come back over a bridge from a web
+// server in a container behind DNAT.
+func returnChains(m uint32) []Chain {
+	rule := func(a Action, what string) Rule {
+		return Rule{Role: RoleReturn, Action: a, Mark: m, Comment: TableName + ": " + what}
+	}
+	return []Chain{{
+		Name: "return-out", Type: ChainRoute, Hook: HookOutput, Priority: PriorityMangle,
+		Rules: []Rule{
+			rule(ActionSaveMark, "dialed from the client's address"),
+			rule(ActionClearMark, "our own packets route normally"),
+			rule(ActionRestoreMark, "replies to the proxy"),
+		},
+	}, {
+		Name: "return-in", Type: ChainFilter, Hook: HookPrerouting, Priority: PriorityMangle,
+		Rules: []Rule{rule(ActionRestoreMark, "replies to the proxy")},
+	}}
+}
+
+// ReturnOnly is rs with only its return-path chains: what must be in
+// place to prove the return path before intercepting.
+func (rs RuleSet) ReturnOnly() RuleSet {
+	return rs.filterChains(func(c Chain) bool { return len(c.Rules) > 0 && c.Rules[0].Role == RoleReturn })
+}
+
+// WithoutReturn is rs without its return-path chains.
+func (rs RuleSet) WithoutReturn() RuleSet {
+	return rs.filterChains(func(c Chain) bool { return len(c.Rules) == 0 || c.Rules[0].Role != RoleReturn })
+}
+
+// HasReturn reports whether rs carries the return path.
+func (rs RuleSet) HasReturn() bool {
+	for _, t := range rs.Tables {
+		for _, c := range t.Chains {
+			if len(c.Rules) > 0 && c.Rules[0].Role == RoleReturn {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+func (rs RuleSet) filterChains(keep func(Chain) bool) RuleSet {
+	out := rs
+	out.Tables = nil
+	for _, t := range rs.Tables {
+		var cs []Chain
+		for _, c := range t.Chains {
+			if keep(c) {
+				cs = append(cs, c)
+			}
+		}
+		t.Chains = cloneChains(cs)
+		out.Tables = append(out.Tables, t)
+	}
+	return out
 }
 
 // MaxInstanceLen bounds an instance id (iptables comments hold 255 bytes).
@@ -302,6 +408,12 @@ func Build(cfg Config) (RuleSet, error) {
 	default:
 		return RuleSet{}, fmt.Errorf("intercept: unknown mode %q", cfg.Mode)
 	}
+	if cfg.ReturnMark != 0 {
+		// First: a backend that installs rule by rule (iptables) must have
+		// the return path before it intercepts, or the first dials from a
+		// client's address lose their SYN-ACK (a retransmit, 1 s later).
+		chains = append(returnChains(cfg.ReturnMark), chains...)
+	}
 	tagRules(chains, cfg.Instance)
 	rs := RuleSet{Mode: cfg.Mode, Port: cfg.Port, ListenPort: cfg.ListenPort, Instance: cfg.Instance}
 	seen := map[Family]bool{}
@@ -344,6 +456,21 @@ func cloneChains(cs []Chain) []Chain {
 // (modulo the kernel's canonical spelling) and what logs and status print.
 func (r Rule) String() string {
 	var b strings.Builder
+	if r.IsMarkRule() {
+		m := fmt.Sprintf("%#x", r.Mark)
+		switch r.Action {
+		case ActionSaveMark:
+			fmt.Fprintf(&b, "meta mark & %s == %s ct mark set ct mark | %s", m, m, m)
+		case ActionClearMark:
+			fmt.Fprintf(&b, "meta mark & %s == %s meta mark set meta mark & %#x", m, m, ^r.Mark)
+		default:
+			fmt.Fprintf(&b, "ct direction reply ct mark & %s == %s meta mark set meta mark | %s", m, m, m)
+		}
+		if r.Comment != "" {
+			fmt.Fprintf(&b, " comment %q", r.Comment)
+		}
+		return b.String()
+	}
 	if r.NotLoopback {
 		b.WriteString(`iifname != "lo" `)
 	}

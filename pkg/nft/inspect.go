@@ -267,6 +267,8 @@ func parseChain(data []byte) (ChainState, string, error) {
 							ch.Hook = intercept.HookPrerouting
 						case unix.NF_INET_LOCAL_IN:
 							ch.Hook = intercept.HookInput
+						case unix.NF_INET_LOCAL_OUT:
+							ch.Hook = intercept.HookOutput
 						}
 					case unix.NFTA_HOOK_PRIORITY:
 						ch.Priority = int32(nad.Uint32())
@@ -462,6 +464,9 @@ func commentOf(ud []byte) string {
 // decodeRule is the inverse of ruleExprs: it reads exprs back into a Rule
 // if they are exactly what ruleExprs writes.
 func decodeRule(es []expr.Any) (intercept.Rule, bool) {
+	if r, ok := decodeMarkRule(es); ok {
+		return r, true
+	}
 	var r intercept.Rule
 	p := exprParser{es: es}
 	if p.match(
@@ -537,6 +542,50 @@ func decodeRule(es []expr.Any) (intercept.Rule, bool) {
 		return r, false
 	}
 	return r, p.done()
+}
+
+// decodeMarkRule recognizes the return-path rules by rendering each kind
+// for the mark the rule tests (its first bitwise mask) and comparing.
+func decodeMarkRule(es []expr.Any) (intercept.Rule, bool) {
+	var mark uint32
+	for _, e := range es {
+		if b, ok := e.(*expr.Bitwise); ok && len(b.Mask) == 4 {
+			mark = binary.NativeEndian.Uint32(b.Mask)
+			break
+		}
+	}
+	if mark == 0 {
+		return intercept.Rule{}, false
+	}
+	for _, a := range []intercept.Action{intercept.ActionSaveMark, intercept.ActionClearMark, intercept.ActionRestoreMark} {
+		r := intercept.Rule{Role: intercept.RoleReturn, Action: a, Mark: mark}
+		want, err := markExprs(r)
+		if err == nil && sameExprs(es, want) {
+			return r, true
+		}
+	}
+	return intercept.Rule{}, false
+}
+
+func sameExprs(a, b []expr.Any) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		// v0.3.0 decodes "ct set" as a load: compare what it keeps.
+		if ca, ok := a[i].(*expr.Ct); ok {
+			if cb, ok := b[i].(*expr.Ct); !ok || ca.Key != cb.Key {
+				return false
+			}
+			continue
+		}
+		x, err1 := expr.Marshal(unix.NFPROTO_IPV4, a[i])
+		y, err2 := expr.Marshal(unix.NFPROTO_IPV4, b[i])
+		if err1 != nil || err2 != nil || !bytes.Equal(x, y) {
+			return false
+		}
+	}
+	return true
 }
 
 type exprParser struct {

@@ -211,6 +211,8 @@ func hookNum(h intercept.Hook) (uint32, error) {
 		return unix.NF_INET_PRE_ROUTING, nil
 	case intercept.HookInput:
 		return unix.NF_INET_LOCAL_IN, nil
+	case intercept.HookOutput:
+		return unix.NF_INET_LOCAL_OUT, nil
 	}
 	return 0, fmt.Errorf("nftables: unknown hook %q", h)
 }
@@ -220,7 +222,7 @@ func (b *batch) addChain(t intercept.Table, c intercept.Chain) error {
 	if err != nil {
 		return err
 	}
-	if c.Type != intercept.ChainNAT && c.Type != intercept.ChainFilter {
+	if c.Type != intercept.ChainNAT && c.Type != intercept.ChainFilter && c.Type != intercept.ChainRoute {
 		return fmt.Errorf("nftables: unknown chain type %q", c.Type)
 	}
 	if c.Name == "" || len(c.Name) >= unix.NFT_NAME_MAXLEN {
@@ -292,6 +294,9 @@ var loName = func() []byte { b := make([]byte, unix.IFNAMSIZ); copy(b, "lo"); re
 // ruleExprs returns the expressions for r, in the order nft itself emits
 // them, so `nft list` prints the rule the way the intercept package shows it.
 func ruleExprs(f intercept.Family, r intercept.Rule) ([]expr.Any, error) {
+	if r.IsMarkRule() {
+		return markExprs(r)
+	}
 	var es []expr.Any
 	if r.NotLoopback {
 		es = append(es,
@@ -354,6 +359,52 @@ func ruleExprs(f intercept.Family, r intercept.Rule) ([]expr.Any, error) {
 		)
 	default:
 		return nil, fmt.Errorf("unknown action %d", r.Action)
+	}
+	return es, nil
+}
+
+// ctDirReply is IP_CT_DIR_REPLY, as ct direction loads it (one byte).
+const ctDirReply = 1
+
+// markExprs renders the return-path rules. Marks are host-endian u32s in
+// the register; "x | M" and "x & ~M" are one bitwise each: (x & mask) ^ xor.
+func markExprs(r intercept.Rule) ([]expr.Any, error) {
+	m := r.Mark
+	if m == 0 {
+		return nil, fmt.Errorf("no mark")
+	}
+	ne := func(v uint32) []byte { return binary.NativeEndian.AppendUint32(nil, v) }
+	hasBits := func(load expr.Any) []expr.Any {
+		return []expr.Any{load,
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: ne(m), Xor: ne(0)},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ne(m)},
+		}
+	}
+	var es []expr.Any
+	switch r.Action {
+	case intercept.ActionSaveMark:
+		es = append(hasBits(&expr.Meta{Key: expr.MetaKeyMARK, Register: 1}),
+			&expr.Ct{Register: 1, Key: expr.CtKeyMARK},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: ne(^m), Xor: ne(m)},
+			&expr.Ct{Register: 1, SourceRegister: true, Key: expr.CtKeyMARK},
+		)
+	case intercept.ActionClearMark:
+		es = append(hasBits(&expr.Meta{Key: expr.MetaKeyMARK, Register: 1}),
+			&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: ne(^m), Xor: ne(0)},
+			&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1},
+		)
+	case intercept.ActionRestoreMark:
+		es = append(es,
+			&expr.Ct{Register: 1, Key: expr.CtKeyDIRECTION},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{ctDirReply}},
+		)
+		es = append(es, hasBits(&expr.Ct{Register: 1, Key: expr.CtKeyMARK})...)
+		es = append(es,
+			&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: ne(^m), Xor: ne(m)},
+			&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1},
+		)
 	}
 	return es, nil
 }

@@ -26,6 +26,9 @@ type Conn struct {
 	Route   string         // Route's name for its choice; "" if never routed
 	Backend netip.AddrPort // Route's choice
 	Dial    DialOptions    // how to connect to Backend, as Route set them
+	// FromClient: the backend was dialed from Dial.Source (the client's
+	// address). False after a per-connection fallback to a plain dial.
+	FromClient bool
 
 	Up, Down int64 // bytes relayed client → backend (hello included, Dial.Header not) and back
 	Duration time.Duration
@@ -215,7 +218,7 @@ func (c *Conn) route() {
 		return
 	}
 
-	fd, err := rawSocket(family(c.Backend))
+	fd, err := c.backendSocket()
 	if err != nil {
 		c.end(EndDialFailed, err, false)
 		return

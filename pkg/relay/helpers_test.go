@@ -52,6 +52,7 @@ type result struct {
 	Duration    time.Duration
 	End         string
 	Err         error
+	FromClient  bool
 }
 
 func copyResult(c *Conn) result {
@@ -60,6 +61,7 @@ func copyResult(c *Conn) result {
 		ServerName: c.ServerName, ALPN: slices.Clone(c.ALPN),
 		Route: c.Route, Backend: c.Backend,
 		Up: c.Up, Down: c.Down, Duration: c.Duration, End: c.End, Err: c.Err,
+		FromClient: c.FromClient,
 	}
 }
 
