@@ -67,7 +67,7 @@ type SoakResult struct {
 	After          soakSample         `json:"after"`    // once the clients have gone
 	Samples        []soakSample       `json:"samples"`
 	SlopesPerHour  map[string]float64 `json:"slopes_per_hour"` // least squares, under load
-	GoroutinesRef  int                `json:"goroutines_ref"`  // a fresh proxy after one exchange
+	GoroutinesRef  int                `json:"goroutines_ref"`  // a fresh proxy after one exchange; the runtime's own not counted
 	GoroutinesEnd  int                `json:"goroutines_end"`  // the soaked proxy at the end
 	RelayLoopsEnd  int                `json:"relay_loops_end"`
 	Clients        map[string]tally   `json:"clients"` // outcomes by kind of client
@@ -122,7 +122,7 @@ func soakMain(args []string) error {
 	if err != nil {
 		return fmt.Errorf("reference proxy: %w", err)
 	}
-	res.GoroutinesRef = g.total
+	res.GoroutinesRef = g.own()
 
 	px, err := r.warmProxy(p, "soak-proxy", *mode)
 	if err != nil {
@@ -196,8 +196,9 @@ func soakMain(args []string) error {
 	if err != nil {
 		return fmt.Errorf("goroutine dump at the end: %w", err)
 	}
-	res.GoroutinesEnd, res.RelayLoopsEnd = g.total, g.byFrame[frameRelay]
-	fmt.Printf("\ngoroutines (SIGQUIT dump): fresh proxy after one exchange %d; soaked proxy at the end %d (relay event loops %d)\n", res.GoroutinesRef, res.GoroutinesEnd, res.RelayLoopsEnd)
+	res.GoroutinesEnd, res.RelayLoopsEnd = g.own(), g.byFrame[frameRelay]
+	fmt.Printf("\ngoroutines (SIGQUIT dump, the runtime's own not counted): fresh proxy after one exchange %d; soaked proxy at the end %d (relay event loops %d; with the runtime's %d)\n",
+		res.GoroutinesRef, res.GoroutinesEnd, res.RelayLoopsEnd, g.total)
 
 	// The first minutes are a ramp, not a trend: the idle holders open over
 	// 10 s and conntrack keeps closed connections for 120 s (TIME_WAIT).
