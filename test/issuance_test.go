@@ -177,7 +177,12 @@ type issProc struct {
 }
 
 func (s *issSite) start(ns *Netns, name string, argv ...string) *issProc {
-	t := s.t
+	s.t.Helper()
+	return startProc(s.t, ns, name, argv...)
+}
+
+// startProc starts argv in ns as an issProc; t.Cleanup ends its group.
+func startProc(t testing.TB, ns *Netns, name string, argv ...string) *issProc {
 	t.Helper()
 	p := &issProc{name: name, done: make(chan struct{})}
 	p.cmd = exec.Command("ip", append([]string{"netns", "exec", ns.Name}, argv...)...)
