@@ -217,3 +217,57 @@ func blockedByFirewall(fw hostFirewall, err error) bool {
 	}
 	return errors.Is(err, context.DeadlineExceeded) || isTimeout(err)
 }
+
+// TestFirewallIssuance issues a certificate with lego through the proxy
+// behind each host firewall while nginx serves HTTPS load. In the default
+// mode (tproxy) no request may fail. In redirect mode the result is the
+// README's ("Two interception modes"): behind a firewall that lets in only
+// 443, new HTTPS connections are blocked while the proxy runs; behind
+// firewalld they go through the proxy.
+func TestFirewallIssuance(t *testing.T) {
+	for _, fw := range hostFirewalls {
+		t.Run(fw.name, func(t *testing.T) {
+			t.Parallel()
+			t.Run("tproxy", func(t *testing.T) {
+				issRunWrapper(t, Variant{Backend: "nft", Mode: "tproxy"}, false, func(s *issSite) {
+					fw.install(t, s.Srv)
+					requireFirewallBlocks(t, s.Env, fw)
+				})
+			})
+			t.Run("redirect", func(t *testing.T) {
+				issRequire(t, "pebble", "pebble-challtestsrv", "nginx")
+				s := newIssSite(t, false)
+				fw.install(t, s.Srv)
+				requireFirewallBlocks(t, s.Env, fw)
+				load := s.startLoad(issLoadWorkers, issLoadPause)
+				load.waitGood(20)
+				v := Variant{Backend: "nft", Mode: "redirect"}
+				p := s.NewProxy(t, v)
+				p.Start()
+				for _, f := range families {
+					target := s.ServerAddr(f, 443)
+					if !fw.acceptsDNAT {
+						if err := requireDialBlocked(s.Cli, fw, target); err != nil {
+							t.Errorf("%v: behind %s in redirect mode: %v", f, fw.name, err)
+						}
+					} else if err := s.get(target, []string{"h2", "http/1.1"}); err != nil {
+						t.Errorf("%v: HTTPS behind %s in redirect mode: %v", f, fw.name, err)
+					}
+				}
+				if fw.acceptsDNAT {
+					load.waitGood(20)
+				}
+				p.Stop()
+				load.waitGood(20) // the web server is reachable again
+				load.halt()
+				if fw.acceptsDNAT && load.failed.Load() != 0 {
+					t.Errorf("web requests failed behind %s in redirect mode: %v", fw.name, load)
+				}
+				if n := strings.Count(p.Log(), "route=fallback"); fw.acceptsDNAT && n == 0 {
+					t.Errorf("no connection went through the proxy behind %s", fw.name)
+				}
+				t.Logf("web load behind %s, redirect mode: %v", fw.name, load)
+			})
+		})
+	}
+}
