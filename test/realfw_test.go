@@ -152,7 +152,7 @@ func requireSbin(t testing.TB, tool string) string {
 
 // hostConfig is what the firewall programs would change on the host were
 // they not confined: their configuration, the system bus directory.
-var hostConfig = []string{"/etc/ufw", "/etc/default/ufw", "/etc/firewalld", "/run/dbus"}
+var hostConfig = []string{"/etc/ufw", "/etc/default/ufw", "/lib/ufw", "/etc/firewalld", "/var/lib/firewalld", "/run/dbus"}
 
 // requireHostUntouched checks at cleanup that the host's own network
 // namespace rule sets and hostConfig are as they were.
