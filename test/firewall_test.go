@@ -1,7 +1,8 @@
 package e2e
 
-// The proxy on hosts that already have netfilter rules of their own (issue
-// 7): a "ufw-style" input firewall that lets in only port 443, and a
+// The proxy on hosts that already have netfilter rules of their own (issues
+// 7 and 13): a host firewall that lets in only port 443 (the real ufw and
+// firewalld, realfw_test.go, and a policy-drop nft chain), and a
 // Docker-style DNAT of port 443 to a container or another local port.
 
 import (
