@@ -1,14 +1,13 @@
 package e2e
 
-// The proxy on hosts that already have netfilter rules of their own (issue
-// 7): a "ufw-style" input firewall that lets in only port 443, and a
+// The proxy on hosts that already have netfilter rules of their own (issues
+// 7 and 13): a host firewall that lets in only port 443 (the real ufw and
+// firewalld, realfw_test.go, and a policy-drop nft chain), and a
 // Docker-style DNAT of port 443 to a container or another local port.
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -38,17 +37,25 @@ func nftApply(t testing.TB, ns *Netns, script string) {
 	ns.MustExec(t, "nft", "-f", path)
 }
 
-// hostFirewall installs an input policy in the server namespace the way a
-// host firewall does: drop by default, accept loopback, ICMPv6 neighbour
-// discovery (IPv6 breaks without it), established/related, and tcp/443.
-// Invalid packets are dropped, as ufw does.
+// hostFirewall installs an input policy in the server namespace that lets
+// in only tcp/443 (and what the firewall always allows: loopback,
+// established connections, ICMPv6 neighbour discovery).
 type hostFirewall struct {
 	name    string
 	install func(t testing.TB, ns *Netns)
+	// rejects: a blocked connection is refused with ICMP "administratively
+	// prohibited" (firewalld's default zone), not dropped.
+	rejects bool
+	// acceptsDNAT: the input filter accepts every DNATed connection
+	// whatever its port (firewalld, for its port forwards).
+	acceptsDNAT bool
 }
 
+// hostFirewalls are the real ufw and firewalld, and a hand-written nft
+// ruleset with a `policy drop` input chain, the form of the nftables
+// service's /etc/nftables.conf on hosts that use neither.
 var hostFirewalls = []hostFirewall{
-	{"nft", func(t testing.TB, ns *Netns) {
+	{name: "nft", install: func(t testing.TB, ns *Netns) {
 		nftApply(t, ns, `table inet fw {
 	chain input {
 		type filter hook input priority filter; policy drop;
@@ -61,65 +68,39 @@ var hostFirewalls = []hostFirewall{
 }
 `)
 	}},
-	{"iptables-nft", func(t testing.TB, ns *Netns) {
-		requireTools(t, "iptables-nft", "ip6tables-nft")
-		for _, ipt := range []string{"iptables-nft", "ip6tables-nft"} {
-			rules := [][]string{
-				{"-A", "INPUT", "-i", "lo", "-j", "ACCEPT"},
-				{"-A", "INPUT", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"},
-				{"-A", "INPUT", "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"},
-				{"-A", "INPUT", "-p", "tcp", "--dport", "443", "-j", "ACCEPT"},
-			}
-			if ipt == "ip6tables-nft" {
-				nd := [][]string{
-					{"-A", "INPUT", "-p", "ipv6-icmp", "--icmpv6-type", "neighbour-solicitation", "-j", "ACCEPT"},
-					{"-A", "INPUT", "-p", "ipv6-icmp", "--icmpv6-type", "neighbour-advertisement", "-j", "ACCEPT"},
-				}
-				rules = append(rules[:1], append(nd, rules[1:]...)...)
-			}
-			for _, r := range rules {
-				ns.MustExec(t, ipt, r...)
-			}
-			ns.MustExec(t, ipt, "-P", "INPUT", "DROP")
-		}
-	}},
+	{name: "ufw", install: installUfw},
+	{name: "firewalld", install: installFirewalld, rejects: true, acceptsDNAT: true},
 }
 
-// requireFirewallDrops checks the firewall is in force before the proxy
-// starts: a port other than 443 times out (dropped, not refused) while 443
-// answers directly, for both families. Without this a test passing "with a
-// firewall" could pass with none.
-func requireFirewallDrops(t testing.TB, s *Site) {
+// requireFirewallBlocks checks the firewall is in force before the proxy
+// starts: a port other than 443 is blocked (dropped or rejected, as fw
+// does) for both families. Without this a test passing "with a firewall"
+// could pass with none.
+func requireFirewallBlocks(t testing.TB, e *Env, fw hostFirewall) {
 	t.Helper()
-	StartEchoServer(t, s.Srv, "other", "tcp", ":8080", nil)
+	StartEchoServer(t, e.Srv, "other", "tcp", ":8080", nil)
 	for _, f := range families {
-		if err := requireDialTimesOut(t, s, s.ServerAddr(f, 8080), time.Second); err != nil {
+		if err := requireDialBlocked(e.Cli, fw, e.ServerAddr(f, 8080)); err != nil {
 			t.Fatalf("firewall not in force: %v", err)
 		}
 	}
-	requireBypassed(t, s)
 }
 
-// requireDialTimesOut returns nil if a connection from the client to addr
-// is neither accepted nor refused within limit (its SYNs are dropped).
-func requireDialTimesOut(t testing.TB, s *Site, addr interface{ String() string }, limit time.Duration) error {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), limit)
+// requireDialBlocked returns nil if a connection from cli to addr is
+// blocked the way fw blocks: no answer within 2 s (drop), or an ICMP
+// rejection at once.
+func requireDialBlocked(cli *Netns, fw hostFirewall, addr interface{ String() string }) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	conn, err := s.Cli.DialContext(ctx, "tcp", addr.String())
+	conn, err := cli.DialContext(ctx, "tcp", addr.String())
 	switch {
 	case err == nil:
 		conn.Close()
 		return fmt.Errorf("connection to %s was accepted", addr)
-	case errors.Is(err, context.DeadlineExceeded):
+	case blockedByFirewall(fw, err):
 		return nil
-	default:
-		var ne net.Error
-		if errors.As(err, &ne) && ne.Timeout() {
-			return nil
-		}
-		return fmt.Errorf("connection to %s failed without timing out: %w", addr, err)
 	}
+	return fmt.Errorf("connection to %s failed other than %s blocks: %w", addr, fw.name, err)
 }
 
 func forEachFirewall(t *testing.T, fn func(t *testing.T, fw hostFirewall)) {
@@ -143,7 +124,8 @@ func TestHostFirewallTProxy(t *testing.T) {
 		forEachFirewall(t, func(t *testing.T, fw hostFirewall) {
 			s := newTaggedSite(t)
 			fw.install(t, s.Srv)
-			requireFirewallDrops(t, s)
+			requireFirewallBlocks(t, s.Env, fw)
+			requireBypassed(t, s)
 
 			p := s.NewProxy(t, v)
 			p.Start()
@@ -170,29 +152,36 @@ func TestHostFirewallTProxy(t *testing.T) {
 	})
 }
 
-// Known limitation, pinned so we notice if it changes: in redirect mode the
-// kernel rewrites the destination port to 21443 before the input filter
-// (NETFILTER-NOTES fact 3), so a firewall that lets in only 443 drops every
-// new connection while the proxy runs, and no rule of ours can override
-// another table's drop. The README ("Two interception modes") tells users
-// of such hosts to use tproxy. If this test fails because the connections
-// get through, update the README and this test.
-func TestHostFirewallRedirectBlocked(t *testing.T) {
+// In redirect mode the kernel rewrites the destination port to 21443
+// before the input filter (NETFILTER-NOTES fact 3). A firewall that lets in
+// only 443 (ufw, the nft policy-drop chain) then blocks every new
+// connection while the proxy runs, and no rule of ours can override
+// another table's drop: the README ("Two interception modes") tells users
+// of such hosts to use tproxy. firewalld accepts whatever was DNATed
+// (`ct status dnat accept`, for its port forwards), so behind it redirect
+// mode works. Pinned both ways, so we notice if either changes.
+func TestHostFirewallRedirect(t *testing.T) {
 	keep := func(v Variant) bool { return v.Mode == "redirect" && (v.Backend == "nft" || v.Iptables == "nft") }
 	forEachVariantWhere(t, keep, func(t *testing.T, v Variant) {
 		forEachFirewall(t, func(t *testing.T, fw hostFirewall) {
 			s := newTaggedSite(t)
 			fw.install(t, s.Srv)
-			requireFirewallDrops(t, s)
+			requireFirewallBlocks(t, s.Env, fw)
+			requireBypassed(t, s)
 			p := s.NewProxy(t, v)
 			p.Start()
 			for _, f := range families {
-				if err := requireDialTimesOut(t, s, s.ServerAddr(f, 443), 2*time.Second); err != nil {
-					t.Errorf("%v: expected the firewall to drop redirected connections (dport %d): %v", f, ListenPort, err)
+				if fw.acceptsDNAT {
+					if a := s.Cli.MustRequest(t, s.ServerAddr(f, 443), []string{ACMEALPN}); a.Server != "acme" {
+						t.Errorf("%v: acme-tls/1 answered by %q behind %s in redirect mode, want acme", f, a.Server, fw.name)
+					}
+					requireProxied(t, s, f, s.Cli.MustRequest(t, s.ServerAddr(f, 443), []string{"h2"}))
+				} else if err := requireDialBlocked(s.Cli, fw, s.ServerAddr(f, 443)); err != nil {
+					t.Errorf("%v: expected the firewall to block redirected connections (dport %d): %v", f, ListenPort, err)
 				}
 			}
 			p.Stop()
-			// The outage lasts exactly as long as the proxy runs.
+			// Any outage lasts exactly as long as the proxy runs.
 			requireBypassed(t, s)
 			requireNoRules(t, s, v)
 		})

@@ -177,7 +177,12 @@ type issProc struct {
 }
 
 func (s *issSite) start(ns *Netns, name string, argv ...string) *issProc {
-	t := s.t
+	s.t.Helper()
+	return startProc(s.t, ns, name, argv...)
+}
+
+// startProc starts argv in ns as an issProc; t.Cleanup ends its group.
+func startProc(t testing.TB, ns *Netns, name string, argv ...string) *issProc {
 	t.Helper()
 	p := &issProc{name: name, done: make(chan struct{})}
 	p.cmd = exec.Command("ip", append([]string{"netns", "exec", ns.Name}, argv...)...)
@@ -589,11 +594,11 @@ func TestIssuance(t *testing.T) {
 	// run-wrapper: `acme-alpn-proxy run -- lego ... run`, in every variant.
 	t.Run("run-wrapper", func(t *testing.T) {
 		forEachVariant(t, func(t *testing.T, v Variant) {
-			issRunWrapper(t, v, false)
+			issRunWrapper(t, v, false, nil)
 		})
 	})
 	t.Run("run-wrapper-ipv6", func(t *testing.T) {
-		issRunWrapper(t, variants[0], true)
+		issRunWrapper(t, variants[0], true, nil)
 	})
 	t.Run("hooks", func(t *testing.T) {
 		issHooks(t, variants[0])
@@ -603,9 +608,14 @@ func TestIssuance(t *testing.T) {
 	})
 }
 
-func issRunWrapper(t *testing.T, v Variant, v6 bool) {
+// issRunWrapper issues with lego through `run` under HTTPS load; prepare,
+// if not nil, sets up the web host first (a host firewall).
+func issRunWrapper(t *testing.T, v Variant, v6 bool, prepare func(s *issSite)) {
 	issRequire(t, "pebble", "pebble-challtestsrv", "nginx", "lego", "env")
 	s := newIssSite(t, v6)
+	if prepare != nil {
+		prepare(s)
+	}
 	load := s.startLoad(issLoadWorkers, issLoadPause)
 	load.waitGood(20)
 

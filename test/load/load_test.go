@@ -64,10 +64,16 @@ github.com/x/pkg/relay.(*loop).run(...)
 goroutine 9 [syscall]:
 github.com/x/pkg/relay.(*loop).run(...)
 
+goroutine 0 gp=0x7fad80 m=0 mp=0x7fbd80 [idle]:
+runtime.futex(...)
+
+goroutine 449 gp=0x241893504f00 m=nil [GC worker (idle)]:
+runtime.gopark(...)
+
 rax    0x0
 `
 	g := parseGoroutineDump(dump, frameRelay, "main.startForeground(")
-	if g.total != 3 || g.byFrame["main.startForeground("] != 1 || g.byFrame[frameRelay] != 2 {
+	if g.total != 5 || g.own() != 3 || g.byFrame["main.startForeground("] != 1 || g.byFrame[frameRelay] != 2 {
 		t.Errorf("got %+v", g)
 	}
 }

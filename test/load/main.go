@@ -8,6 +8,7 @@
 //
 //	load run -bin PROXY [-scenarios 1,2,...]   run scenarios, print rows
 //	load backend -web ADDR -acme ADDR          the backends (own process)
+//	load soak -bin PROXY [-duration 30m]       mixed load for a long time, sampled
 //	load netclient MODE ...                    clients run inside a netns
 //
 // test/load/run.sh builds everything, sets up a private network namespace
@@ -30,6 +31,8 @@ func main() {
 		err = runMain(os.Args[2:])
 	case "backend":
 		err = backendMain(os.Args[2:])
+	case "soak":
+		err = soakMain(os.Args[2:])
 	case "netclient":
 		err = netclientMain(os.Args[2:])
 	default:

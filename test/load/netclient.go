@@ -17,7 +17,13 @@ import (
 // JSON line per connection (see request).
 func netclientMain(args []string) error {
 	if len(args) == 0 {
-		return fmt.Errorf("netclient killload|reuse ...")
+		return fmt.Errorf("netclient killload|reuse|soak|warm ...")
+	}
+	switch args[0] {
+	case "soak":
+		return soakClientMain(args[1:])
+	case "warm":
+		return warmMain(args[1:])
 	}
 	fs := flag.NewFlagSet("netclient", flag.ExitOnError)
 	target := fs.String("target", srvIP+":443", "address the clients dial")

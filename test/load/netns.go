@@ -86,9 +86,11 @@ func (r *runner) newPair() (*pair, error) {
 	return p, nil
 }
 
-// serverSide starts the backends in the server namespace.
-func (r *runner) serverSide(p *pair, name string) error {
-	c, err := r.procs.spawn(name, inNetns(p.srv, []string{r.self, "backend", "-web", srvIP + ":443", "-acme", "127.0.0.1:31443", "-stall", stallFor.String()}))
+// serverSide starts the backends in the server namespace; extra are more
+// backend flags.
+func (r *runner) serverSide(p *pair, name string, extra ...string) error {
+	argv := append([]string{r.self, "backend", "-web", srvIP + ":443", "-acme", "127.0.0.1:31443", "-stall", stallFor.String()}, extra...)
+	c, err := r.procs.spawn(name, inNetns(p.srv, argv))
 	if err != nil {
 		return err
 	}

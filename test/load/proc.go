@@ -83,6 +83,10 @@ func cpuPercent(pid int, d time.Duration) (float64, error) {
 // stack. It is the only outside view of a Go process's goroutines.
 type goroutineDump struct {
 	total int
+	// runtime counts the runtime's own goroutines (garbage collector,
+	// finalizers, ...): their number depends on when the collector first
+	// ran, not on the program.
+	runtime int
 	// byFrame counts goroutines whose stack mentions each of the watched
 	// functions (a goroutine may count under several).
 	byFrame map[string]int
@@ -108,6 +112,9 @@ func parseGoroutineDump(dump string, watch ...string) goroutineDump {
 		if strings.HasPrefix(line, "goroutine ") && strings.Contains(line, " [") {
 			flush()
 			g.total++
+			if isRuntimeGoroutine(line) {
+				g.runtime++
+			}
 			block.WriteString(line)
 			continue
 		}
@@ -118,6 +125,27 @@ func parseGoroutineDump(dump string, watch ...string) goroutineDump {
 	flush()
 	return g
 }
+
+// runtimeStates are the wait reasons of the runtime's own goroutines in a
+// dump header such as "goroutine 18 gp=0x.. m=nil [GC worker (idle)]:".
+var runtimeStates = []string{"[GC worker", "[GC sweep wait", "[GC scavenge wait", "[force gc", "[finalizer wait", "[cleanup wait", "[GOMAXPROCS updater"}
+
+// isRuntimeGoroutine tells a runtime goroutine's dump header, including
+// goroutine 0 (a thread's scheduler stack, shown in crash dumps).
+func isRuntimeGoroutine(header string) bool {
+	if strings.HasPrefix(header, "goroutine 0 ") {
+		return true
+	}
+	for _, st := range runtimeStates {
+		if strings.Contains(header, st) {
+			return true
+		}
+	}
+	return false
+}
+
+// own is the number of the program's goroutines.
+func (g goroutineDump) own() int { return g.total - g.runtime }
 
 // fdKinds renders a sample's descriptors for a table cell.
 func (s procSample) fdKinds() string {

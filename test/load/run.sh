@@ -18,48 +18,10 @@ SCALE=${SCALE:-1}
 BASE_PORT=${BASE_PORT:-25300}
 DEADLINE=${DEADLINE:-12m}
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-OUT=$ROOT/test/load/out
-STAMP=$(date +%Y%m%d-%H%M%S)
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/acme-alpn-load.XXXXXX")
-mkdir -p "$OUT"
-: >"$WORK/pids"
-: >"$WORK/netns"
-
-log() { echo "[load.sh] $*" >&2; }
-
-cleanup() {
-	local pid ns
-	# The runner kills its own children; this catches what survives a
-	# runner that died first. Only PIDs this run started are signalled.
-	while read -r pid; do
-		[ -n "$pid" ] && kill -KILL "$pid" 2>/dev/null || true
-	done <"$WORK/pids"
-	while read -r ns; do
-		[ -n "$ns" ] && ip netns del "$ns" 2>/dev/null || true
-	done <"$WORK/netns"
-	mkdir -p "$OUT/logs-$STAMP"
-	cp -f "$WORK"/*.log "$WORK"/*.err "$WORK"/*.out "$OUT/logs-$STAMP/" 2>/dev/null || true
-	rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-if [ "$(id -u)" != 0 ]; then
-	log "needs root (network namespaces, nftables)"
-	exit 1
-fi
-
-cd "$ROOT"
-BIN=${ACME_ALPN_PROXY:-}
-if [ -z "$BIN" ]; then
-	BIN=$WORK/acme-alpn-proxy
-	go build -o "$BIN" ./cmd/acme-alpn-proxy
-fi
-go build -o "$WORK/load" ./test/load
-
-# Each process holds one side of up to 8,000 connections.
-ulimit -n "$(ulimit -Hn)"
+NAME=load
+OUT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/out
+# shellcheck source=lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 NS=ld-lo-$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')
 ip netns add "$NS"
@@ -69,7 +31,7 @@ ip -n "$NS" link set lo up
 log "scenarios $SCENARIOS, scale $SCALE, work dir $WORK, netns $NS"
 START=$(date +%s)
 set +e
-ip netns exec "$NS" "$WORK/load" run -bin "$BIN" -work "$WORK" -pids "$WORK/pids" -netns-file "$WORK/netns" \
+ip netns exec "$NS" "$LOADBIN" run -bin "$BIN" -work "$WORK" -pids "$WORK/pids" -netns-file "$WORK/netns" \
 	-scenarios "$SCENARIOS" -scale "$SCALE" -base-port "$BASE_PORT" -deadline "$DEADLINE" \
 	> >(tee "$WORK/rows.md" >&2) &
 RUNNER=$!

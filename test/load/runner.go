@@ -47,21 +47,8 @@ func runMain(args []string) error {
 		return err
 	}
 	r.procs = &children{pidsFile: *pidsFile, work: r.work}
-
-	sigs := make(chan os.Signal, 1)
-	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
-	go func() {
-		s := <-sigs
-		logf("%v: cleaning up", s)
-		r.cleanup()
-		os.Exit(130)
-	}()
+	r.cleanupOnExit(*deadline)
 	defer r.cleanup()
-	time.AfterFunc(*deadline, func() {
-		logf("deadline %v passed: cleaning up", *deadline)
-		r.cleanup()
-		os.Exit(124)
-	})
 
 	all := map[string]func() error{
 		"1": r.s1Hold, "2": r.s2FdLimit, "3": r.s3Slowloris, "4": r.s4Faults,
@@ -86,6 +73,24 @@ func runMain(args []string) error {
 		return fmt.Errorf("%d rows flagged BROKEN", out.broken)
 	}
 	return nil
+}
+
+// cleanupOnExit kills the children and deletes the namespaces on SIGINT,
+// SIGTERM or when deadline passes, and exits.
+func (r *runner) cleanupOnExit(deadline time.Duration) {
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	go func() {
+		s := <-sigs
+		logf("%v: cleaning up", s)
+		r.cleanup()
+		os.Exit(130)
+	}()
+	time.AfterFunc(deadline, func() {
+		logf("deadline %v passed: cleaning up", deadline)
+		r.cleanup()
+		os.Exit(124)
+	})
 }
 
 func (r *runner) cleanup() {
