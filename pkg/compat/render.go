@@ -215,7 +215,14 @@ func markArgv(loc location, r intercept.Rule, tag string) ([]string, error) {
 	case intercept.ActionSaveMark:
 		return slices.Concat([]string{"-m", "mark", "--mark", m + "/" + m}, comment, []string{"-j", "CONNMARK", "--or-mark", m}), nil
 	case intercept.ActionClearMark:
-		return slices.Concat([]string{"-m", "mark", "--mark", m + "/" + m}, comment, []string{"-j", "MARK", "--and-mark", fmt.Sprintf("%#x", ^r.Mark)}), nil
+		var when []string
+		switch r.When {
+		case intercept.WhenNew:
+			when = []string{"-m", "conntrack", "--ctstate", "NEW"}
+		case intercept.WhenDNAT:
+			when = []string{"-m", "conntrack", "--ctstate", "DNAT"}
+		}
+		return slices.Concat([]string{"-m", "mark", "--mark", m + "/" + m}, when, comment, []string{"-j", "MARK", "--and-mark", fmt.Sprintf("%#x", ^r.Mark)}), nil
 	default:
 		return slices.Concat([]string{"-m", "conntrack", "--ctdir", "REPLY", "-m", "connmark", "--mark", m + "/" + m}, comment,
 			[]string{"-j", "MARK", "--or-mark", m}), nil

@@ -30,8 +30,10 @@ func TestArgsReturnPath(t *testing.T) {
 	}
 	want := []string{
 		"iptables -w 30 -t mangle -I OUTPUT 1 -m mark --mark 0x1000/0x1000 -m comment --comment acme-alpn-proxy -j CONNMARK --or-mark 0x1000",
-		"iptables -w 30 -t mangle -I OUTPUT 2 -m mark --mark 0x1000/0x1000 -m comment --comment acme-alpn-proxy -j MARK --and-mark 0xffffefff",
-		"iptables -w 30 -t mangle -I OUTPUT 3 -m conntrack --ctdir REPLY -m connmark --mark 0x1000/0x1000 -m comment --comment acme-alpn-proxy -j MARK --or-mark 0x1000",
+		// Cleared only where a DNAT may need it gone (see intercept).
+		"iptables -w 30 -t mangle -I OUTPUT 2 -m mark --mark 0x1000/0x1000 -m conntrack --ctstate NEW -m comment --comment acme-alpn-proxy -j MARK --and-mark 0xffffefff",
+		"iptables -w 30 -t mangle -I OUTPUT 3 -m mark --mark 0x1000/0x1000 -m conntrack --ctstate DNAT -m comment --comment acme-alpn-proxy -j MARK --and-mark 0xffffefff",
+		"iptables -w 30 -t mangle -I OUTPUT 4 -m conntrack --ctdir REPLY -m connmark --mark 0x1000/0x1000 -m comment --comment acme-alpn-proxy -j MARK --or-mark 0x1000",
 		// Before the interception: the return path must be there first.
 		"iptables -w 30 -t mangle -I PREROUTING 1 -m conntrack --ctdir REPLY -m connmark --mark 0x1000/0x1000 -m comment --comment acme-alpn-proxy -j MARK --or-mark 0x1000",
 	}
@@ -52,11 +54,12 @@ func TestArgsReturnPath(t *testing.T) {
 	if lastReturn > firstIntercept {
 		t.Errorf("a return rule comes after an intercept rule:\n%s", strings.Join(got, "\n"))
 	}
-	if len(install) != 3+4 || len(remove) != len(install) {
-		t.Errorf("%d install and %d remove commands, want 7 each", len(install), len(remove))
+	if len(install) != 3+5 || len(remove) != len(install) {
+		t.Errorf("%d install and %d remove commands, want 8 each", len(install), len(remove))
 	}
 	for _, line := range []string{
 		"-A OUTPUT -m mark --mark 0x1000/0x1000 -m comment --comment acme-alpn-proxy -j CONNMARK --or-mark 0x1000",
+		"-A OUTPUT -m mark --mark 0x1000/0x1000 -m conntrack --ctstate DNAT -m comment --comment acme-alpn-proxy -j MARK --set-xmark 0x0/0x1000",
 		"-A PREROUTING -m conntrack --ctdir REPLY -m connmark --mark 0x1000/0x1000 -m comment --comment acme-alpn-proxy -j MARK --set-xmark 0x1000/0x1000",
 	} {
 		loc := location{"mangle", strings.Fields(line)[1]}
@@ -77,7 +80,8 @@ func TestRootReturnPathWithRealBinaries(t *testing.T) {
 			}
 			for _, bin := range []string{v.v4, v.v6} {
 				out := ns.rules(t, bin, "mangle", "OUTPUT")
-				if len(out) != 3 || !strings.Contains(out[0], "CONNMARK") || !strings.Contains(out[2], "--ctdir REPLY") {
+				if len(out) != 4 || !strings.Contains(out[0], "CONNMARK") || !strings.Contains(out[1], "--ctstate NEW") ||
+					!strings.Contains(out[2], "--ctstate DNAT") || !strings.Contains(out[3], "--ctdir REPLY") {
 					t.Errorf("%s mangle OUTPUT:\n%s", bin, strings.Join(out, "\n"))
 				}
 				if n := ourLines(ns.rules(t, bin, "mangle", "PREROUTING")); n != 3 {
@@ -88,8 +92,8 @@ func TestRootReturnPathWithRealBinaries(t *testing.T) {
 				t.Fatal(err)
 			}
 			for _, bin := range []string{v.v4, v.v6} {
-				if n := ourLines(ns.rules(t, bin, "mangle", "OUTPUT")); n != 3 {
-					t.Errorf("%s: %d return rules after RemoveIntercept, want 3 (the drain needs them)", bin, n)
+				if n := ourLines(ns.rules(t, bin, "mangle", "OUTPUT")); n != 4 {
+					t.Errorf("%s: %d return rules after RemoveIntercept, want 4 (the drain needs them)", bin, n)
 				}
 			}
 			if err := b.Remove(); err != nil {

@@ -12,10 +12,10 @@ func TestBuildReturnPath(t *testing.T) {
 	}
 	for _, tb := range rs.Tables {
 		out, in := tb.Chains[0], tb.Chains[1]
-		if out.Type != ChainRoute || out.Hook != HookOutput || out.Priority != PriorityMangle || len(out.Rules) != 3 {
-			t.Errorf("%s: return-out = %+v, want a route chain on output at mangle with save, clear, restore", tb.Family, out)
+		if out.Type != ChainRoute || out.Hook != HookOutput || out.Priority != PriorityMangle || len(out.Rules) != 4 {
+			t.Fatalf("%s: return-out = %+v, want a route chain on output at mangle with save, clear (new, dnat), restore", tb.Family, out)
 		}
-		if out.Rules[0].Action != ActionSaveMark || out.Rules[1].Action != ActionClearMark || out.Rules[2].Action != ActionRestoreMark {
+		if out.Rules[0].Action != ActionSaveMark || out.Rules[1].Action != ActionClearMark || out.Rules[2].Action != ActionClearMark || out.Rules[3].Action != ActionRestoreMark {
 			t.Errorf("%s: output rules out of order: %v", tb.Family, out.Rules)
 		}
 		if in.Hook != HookPrerouting || in.Priority != PriorityMangle || len(in.Rules) != 1 || in.Rules[0].Action != ActionRestoreMark {
@@ -27,8 +27,15 @@ func TestBuildReturnPath(t *testing.T) {
 			}
 		}
 	}
-	if got := rs.Tables[0].Chains[0].Rules[1].String(); got != `meta mark & 0x1000 == 0x1000 meta mark set meta mark & 0xffffefff comment "acme-alpn-proxy: our own packets route normally"` {
-		t.Errorf("clear rule = %s", got)
+	// The mark is cleared only on a connection's first packets and on
+	// DNATed ones: every other packet keeps it and is not routed again.
+	for i, want := range []string{
+		`meta mark & 0x1000 == 0x1000 ct state new meta mark set meta mark & 0xffffefff comment "acme-alpn-proxy: our own packets route normally"`,
+		`meta mark & 0x1000 == 0x1000 ct status dnat meta mark set meta mark & 0xffffefff comment "acme-alpn-proxy: our own packets route normally"`,
+	} {
+		if got := rs.Tables[0].Chains[0].Rules[1+i].String(); got != want {
+			t.Errorf("clear rule %d = %s, want %s", i, got, want)
+		}
 	}
 	only := rs.ReturnOnly()
 	without := rs.WithoutReturn()

@@ -558,10 +558,12 @@ func decodeMarkRule(es []expr.Any) (intercept.Rule, bool) {
 		return intercept.Rule{}, false
 	}
 	for _, a := range []intercept.Action{intercept.ActionSaveMark, intercept.ActionClearMark, intercept.ActionRestoreMark} {
-		r := intercept.Rule{Role: intercept.RoleReturn, Action: a, Mark: mark}
-		want, err := markExprs(r)
-		if err == nil && sameExprs(es, want) {
-			return r, true
+		for _, when := range []intercept.ConnCond{intercept.Always, intercept.WhenNew, intercept.WhenDNAT} {
+			r := intercept.Rule{Role: intercept.RoleReturn, Action: a, Mark: mark, When: when}
+			want, err := markExprs(r)
+			if err == nil && sameExprs(es, want) {
+				return r, true
+			}
 		}
 	}
 	return intercept.Rule{}, false

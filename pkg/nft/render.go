@@ -286,6 +286,7 @@ const (
 	tcpFlagsMask   = 0x17 // fin|syn|rst|ack
 	tcpFlagSyn     = 0x02
 	ctStatusDstNAT = 0x20 // IPS_DST_NAT
+	ctStateNew     = 0x08 // NF_CT_STATE_BIT(IP_CT_NEW)
 )
 
 // loName is "lo" as the 16-byte, NUL-padded interface name meta iifname loads.
@@ -389,7 +390,14 @@ func markExprs(r intercept.Rule) ([]expr.Any, error) {
 			&expr.Ct{Register: 1, SourceRegister: true, Key: expr.CtKeyMARK},
 		)
 	case intercept.ActionClearMark:
-		es = append(hasBits(&expr.Meta{Key: expr.MetaKeyMARK, Register: 1}),
+		es = hasBits(&expr.Meta{Key: expr.MetaKeyMARK, Register: 1})
+		switch r.When {
+		case intercept.WhenNew:
+			es = append(es, ctBitSet(expr.CtKeySTATE, ctStateNew)...)
+		case intercept.WhenDNAT:
+			es = append(es, ctBitSet(expr.CtKeySTATUS, ctStatusDstNAT)...)
+		}
+		es = append(es,
 			&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
 			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: ne(^m), Xor: ne(0)},
 			&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1},
@@ -407,6 +415,17 @@ func markExprs(r intercept.Rule) ([]expr.Any, error) {
 		)
 	}
 	return es, nil
+}
+
+// ctBitSet matches ct key & bit != 0 (ct state and ct status are
+// host-endian u32s in the register), as nft renders `ct state new`.
+func ctBitSet(key expr.CtKey, bit uint32) []expr.Any {
+	return []expr.Any{
+		&expr.Ct{Register: 1, Key: key},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
+			Mask: binary.NativeEndian.AppendUint32(nil, bit), Xor: make([]byte, 4)},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: make([]byte, 4)},
+	}
 }
 
 // daddrOffset is where the destination address sits in the network header.

@@ -47,8 +47,8 @@ func TestDecodeReturnRulesRoundTrip(t *testing.T) {
 			}
 		}
 	}
-	if n != 8 {
-		t.Fatalf("%d return rules, want 4 per family", n)
+	if n != 10 {
+		t.Fatalf("%d return rules, want 5 per family", n)
 	}
 }
 
@@ -66,7 +66,8 @@ func TestRootReturnPathListsAsDocumented(t *testing.T) {
 			"chain return-out {",
 			"type route hook output priority mangle; policy accept;",
 			`meta mark & 0x00001000 == 0x00001000 ct mark set ct mark | 0x00001000 comment "acme-alpn-proxy: dialed from the client's address"`,
-			`meta mark & 0x00001000 == 0x00001000 meta mark set meta mark & 0xffffefff comment "acme-alpn-proxy: our own packets route normally"`,
+			`meta mark & 0x00001000 == 0x00001000 ct state new meta mark set meta mark & 0xffffefff comment "acme-alpn-proxy: our own packets route normally"`,
+			`meta mark & 0x00001000 == 0x00001000 ct status dnat meta mark set meta mark & 0xffffefff comment "acme-alpn-proxy: our own packets route normally"`,
 			`ct direction reply ct mark & 0x00001000 == 0x00001000 meta mark set meta mark | 0x00001000 comment "acme-alpn-proxy: replies to the proxy"`,
 			"chain return-in {",
 			"type filter hook prerouting priority mangle; policy accept;",
