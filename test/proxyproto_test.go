@@ -207,7 +207,7 @@ func TestProxyProtocolNginx(t *testing.T) {
 
 		// Without a header nginx takes the ClientHello for a broken
 		// PROXY line: the header is what makes it work.
-		p := s.NewProxy(t, v)
+		p := s.NewProxy(t, v, "-fallback-source", "host")
 		p.Start()
 		before := strings.Count(readFile(errorLog), "broken header")
 		for _, f := range families {
