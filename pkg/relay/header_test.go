@@ -69,12 +69,7 @@ func TestDialHeaderPartialWrites(t *testing.T) {
 	if _, err := io.ReadFull(stream(7, int64(len(header))), header); err != nil {
 		t.Fatal(err)
 	}
-	h := newHarness(t, harnessOptions{
-		Route: func(c *Conn, back netip.AddrPort) (netip.AddrPort, string) {
-			c.Dial.Header = header
-			return back, "back"
-		},
-	})
+	h := headerHarness(t, header)
 	client := h.dial(t)
 	if _, err := client.Write(hello); err != nil {
 		t.Fatal(err)
@@ -105,12 +100,7 @@ func TestDialHeaderPartialWrites(t *testing.T) {
 func TestDialHeaderNotCountedWhenCutShort(t *testing.T) {
 	hello := clientHello(t, &tls.Config{ServerName: "www.example.org"})
 	header := make([]byte, 8<<20)
-	h := newHarness(t, harnessOptions{
-		Route: func(c *Conn, back netip.AddrPort) (netip.AddrPort, string) {
-			c.Dial.Header = header
-			return back, "back"
-		},
-	})
+	h := headerHarness(t, header)
 	client := h.dial(t)
 	if _, err := client.Write(hello); err != nil {
 		t.Fatal(err)
@@ -258,4 +248,14 @@ func BenchmarkConnHeader(b *testing.B) {
 			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "conn/s")
 		})
 	}
+}
+
+// headerHarness is a harness whose Route sends header before the hello.
+func headerHarness(t *testing.T, header []byte) *harness {
+	return newHarness(t, harnessOptions{
+		Route: func(c *Conn, back netip.AddrPort) (netip.AddrPort, string) {
+			c.Dial.Header = header
+			return back, "back"
+		},
+	})
 }
